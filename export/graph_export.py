@@ -1,0 +1,115 @@
+"""torch module -> ONNX file with named dynamic axes, checked, written atomically.
+
+Uses the torch.export-based exporter (``dynamo=True``): it passes validation on these graphs, keeps dynamic
+dimensions symbolic (no sequence length baked in), and emits plain ONNX ops that TensorRT's parser takes.
+Example inputs must use sizes >= 2 on dynamic axes (torch.export specialises size-1 dims).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from uniref_deploy.runtime.errors import ExportError
+from uniref_deploy.runtime.manifest import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit; larger graphs keep weights in <file>.data
+DEFAULT_OPSET = 18
+# Ranges of each named dynamic axis given to torch.export (min, max); multiples are expressed via `AXIS_MULTIPLE`.
+AXIS_RANGES = {
+    "batch": (1, 2),
+    "img_tokens": (2, 65536),
+    "txt_tokens": (1, 1024),
+    "height": (2, 2048),  # in units of AXIS_MULTIPLE
+    "width": (2, 2048),
+    "latent_height": (2, 2048),
+    "latent_width": (2, 2048),
+}
+AXIS_MULTIPLE = {"height": 8, "width": 8}
+
+
+def dynamic_shapes_for(specs: Sequence[TensorSpec]) -> dict[str, dict[int, object]]:
+    """torch.export dynamic-shape spec from TensorSpecs; equal axis names share one symbol."""
+    dims: dict[str, object] = {}
+    out: dict[str, dict[int, object]] = {}
+    for spec in specs:
+        axes = {}
+        for i, name in spec.dynamic_axes.items():
+            if name not in dims:
+                lo, hi = AXIS_RANGES[name]
+                dim = torch.export.Dim(name.replace("-", "_"), min=lo, max=hi)
+                dims[name] = dim * AXIS_MULTIPLE[name] if name in AXIS_MULTIPLE else dim
+            axes[i] = dims[name]
+        out[spec.name] = axes
+    return out
+
+
+def export_graph(module: torch.nn.Module, args: tuple, path: str | os.PathLike, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``module`` called with ``args`` to ``path`` (+ ``path.data`` when over 2 GB).
+
+    Raises:
+        ExportError: torch.export or the ONNX checker failed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        tmp = tmp_dir / path.name
+        names = [s.name for s in inputs]
+        try:
+            program = torch.onnx.export(
+                module, args, None, input_names=names, output_names=[s.name for s in outputs],
+                dynamic_shapes=_by_position(module, names, dynamic_shapes_for(inputs)), opset_version=opset,
+                dynamo=True, optimize=True, verbose=False,
+            )
+        except Exception as err:
+            raise ExportError(f"torch.onnx.export failed for '{path.name}': {str(err).splitlines()[0]}",
+                              "run with -vv for the full trace.") from err
+        large = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD * 0.9
+        program.save(str(tmp), external_data=large)
+        model = onnx.load(str(tmp), load_external_data=False)  # the graph only; weights stay where they are
+        name_dynamic_axes(model, [*inputs, *outputs])
+        onnx.save_model(model, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as err:
+            raise ExportError(f"ONNX checker rejected '{path.name}': {str(err).splitlines()[0]}") from err
+        for f in tmp_dir.iterdir():  # data file first, then the graph: a graph never points at a missing file
+            if f.name != path.name:
+                os.replace(f, path.parent / f.name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("exported %s", path)
+    return path
+
+
+def _by_position(module: torch.nn.Module, names: list[str], shapes: dict) -> tuple:
+    """dynamic_shapes as a tuple in argument order (independent of forward's parameter names)."""
+    return tuple(shapes.get(n) or None for n in names)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def name_dynamic_axes(model: onnx.ModelProto, specs: Sequence[TensorSpec]) -> None:
+    """Rename the exporter's symbolic dims (e.g. '8*s0') on graph inputs/outputs to our axis names."""
+    by_name = {s.name: s for s in specs}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape, strict=False):
+            if isinstance(want, str):
+                dim.ClearField("dim_value")
+                dim.dim_param = want

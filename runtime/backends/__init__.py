@@ -1,0 +1,1 @@
+"""Backends: one interface (`Backend.infer`) over torch, ONNX Runtime and TensorRT."""

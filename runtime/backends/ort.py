@@ -1,0 +1,117 @@
+"""ONNX Runtime backend: one InferenceSession per graph, IO binding, CPU (or CUDA when present).
+
+Graph files are checked against the manifest's sha256 on activation, so a damaged or swapped artifact is refused
+with a clear message instead of producing garbage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .._lazy import require
+from ..errors import BackendError, ManifestError
+from ..fileio import sha256_file
+from ..graphs import GRAPH_NAMES, VAE_DECODER, VAE_ENCODER
+from ..manifest import GraphSpec, Manifest, ModelConfig
+from .base import Backend
+
+
+def _ort():
+    return require("onnxruntime", extra="onnx")
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, then CPU."""
+    available = _ort().get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OrtBackend(Backend):
+    """One exported graph in an ONNX Runtime session.
+
+    Args:
+        graph: the manifest entry of the graph.
+        art_dir: the artifact folder holding ``graph.file``.
+        providers: execution providers (default: CUDA when available, else CPU).
+        threads: intra-op threads (default: ONNX Runtime's choice).
+        verify: check the file's sha256 against the manifest before loading.
+        optimization: "all" (ORT_ENABLE_ALL, fusions included), "extended", "basic" or "disabled".
+    """
+
+    kind = "ort"
+
+    def __init__(self, graph: GraphSpec, art_dir: str | os.PathLike, providers: list[str] | None = None,
+                 threads: int | None = None, verify: bool = True, optimization: str = "all"):
+        super().__init__(graph.name, graph.inputs, graph.outputs)
+        self.graph, self.path = graph, Path(art_dir) / graph.file
+        self.providers, self.threads, self.verify, self.optimization = providers, threads, verify, optimization
+        self.session = None
+
+    def _activate(self) -> None:
+        ort = _ort()
+        if not self.path.is_file():
+            raise ManifestError(f"Graph file '{self.path}' is missing.", "re-run `uniref-deploy export`.")
+        if self.verify and sha256_file(self.path) != self.graph.sha256:
+            raise ManifestError(
+                f"Graph file '{self.path}' does not match the manifest's sha256 (damaged or replaced).",
+                "re-run `uniref-deploy export` to regenerate it.",
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[self.optimization]
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                providers=self.providers or default_providers())
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise BackendError(f"ONNX Runtime cannot load '{self.path}': {err}".splitlines()[0],
+                               "the file may be damaged; re-run the export.") from err
+        self._binding = self.session.io_binding()
+        self._device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+
+    def _deactivate(self) -> None:
+        self.session = None
+        self._binding = None
+
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for spec in self.outputs:
+            binding.bind_output(spec.name, self._device)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as err:
+            raise BackendError(f"ONNX Runtime failed on graph '{self.name}': {err}".splitlines()[0]) from err
+        return dict(zip([s.name for s in self.outputs], binding.copy_outputs_to_cpu(), strict=True))
+
+    def profile_session(self):
+        """The underlying session (for ORT's profiler in tools/profile)."""
+        return self.session
+
+
+class OrtBackendFactory:
+    """Builds the three ORT backends from an artifact folder; VAE graphs fall back to fp32 if absent."""
+
+    @staticmethod
+    def create(config: ModelConfig, art_dir: str | os.PathLike, manifest: Manifest | None = None,
+               precision: str = "fp32", **options) -> dict[str, Backend]:
+        manifest = manifest or Manifest.load(art_dir)
+        backends: dict[str, Backend] = {}
+        for name in GRAPH_NAMES:
+            p = precision
+            if name in (VAE_ENCODER, VAE_DECODER) and not manifest.has_graph(name, precision):
+                p = "fp32"
+            backends[name] = OrtBackend(manifest.graph(name, p), art_dir, **options)
+        return backends

@@ -1,0 +1,123 @@
+"""Reading, validating and converting reference images; pixel <-> model-range conversion.
+
+Anything PIL can open is accepted; CMYK, 16-bit, alpha and palette images are converted to RGB (alpha is
+composited on white) rather than rejected. Unreadable, truncated or empty files and images over
+``MAX_PIXELS`` raise ``InputError`` with a one-line hint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs and absurd inputs early
+ImageLike = "str | os.PathLike | Image.Image | np.ndarray"
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """Return an RGB PIL image from a path, a PIL image or an HWC uint8/float array.
+
+    Raises:
+        InputError: the file is missing, empty, unreadable, truncated or larger than ``MAX_PIXELS``.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(_check_size(source, "image"))
+    if isinstance(source, np.ndarray):
+        return to_rgb(_check_size(_array_to_pil(source), "array"))
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"Image '{path}' does not exist.", "check the path passed with --image.")
+    if path.stat().st_size == 0:
+        raise InputError(f"Image '{path}' is an empty file (0 bytes).", "pass a valid PNG/JPEG/WebP image.")
+    try:
+        with Image.open(path) as img:
+            _check_size(img, str(path))
+            img.load()
+            return to_rgb(img)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InputError(
+            f"Image '{path}' cannot be decoded ({type(err).__name__}: {err}).",
+            "the file is corrupt, truncated or not an image; re-export it as PNG or JPEG.",
+        ) from err
+    except Image.DecompressionBombError as err:  # pragma: no cover - PIL raises this above MAX_IMAGE_PIXELS
+        raise InputError(f"Image '{path}' is too large to decode safely.", "downscale it first.") from err
+
+
+def _check_size(img: Image.Image, name: str) -> Image.Image:
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise InputError(f"Image '{name}' has zero area ({w}x{h}).", "pass a non-empty image.")
+    if w * h > MAX_PIXELS:
+        raise InputError(
+            f"Image '{name}' is {w}x{h} = {w * h / 1e6:.1f} MP, over the {MAX_PIXELS / 2**20:.0f} MP limit.",
+            "downscale it first; the model never sees more than the budget anyway.",
+        )
+    return img
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InputError(f"Image array has shape {arr.shape}.", "pass an HxWx3 (or HxW, HxWx4) array.")
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(arr)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is composited over white."""
+    if img.mode == "RGB":
+        return img.copy() if img.readonly else img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / scale * 255.0).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        return _array_to_pil(np.clip(arr, 0.0, 1.0).astype(np.float32)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Lanczos resize to (width, height), as diffusers' VaeImageProcessor does."""
+    if img.size == (width, height):
+        return img
+    return img.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+
+def to_model_input(img: Image.Image, width: int, height: int) -> np.ndarray:
+    """Resize and map to the VAE's range: float32 [1, 3, H, W] in [-1, 1]."""
+    arr = np.asarray(resize(img, width, height), dtype=np.float32) / 255.0
+    return (arr * 2.0 - 1.0).transpose(2, 0, 1)[None].copy()
+
+
+def from_model_output(x: np.ndarray) -> np.ndarray:
+    """Map decoder output [1, 3, H, W] in [-1, 1] to float32 HWC in [0, 1]."""
+    return np.clip(x[0].astype(np.float32) / 2.0 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+
+
+def to_pil(hwc: np.ndarray) -> Image.Image:
+    """float32 HWC in [0, 1] -> 8-bit RGB PIL image (round half to even, as diffusers)."""
+    return Image.fromarray((hwc * 255.0).round().astype(np.uint8))
+
+
+def load_images(sources: Sequence) -> list[Image.Image]:
+    """``load_image`` over a list."""
+    return [load_image(s) for s in sources]

@@ -1,0 +1,283 @@
+"""The artifact manifest: the one contract between compile stages and the runtime.
+
+``ART/manifest.json`` holds the schema version, the model configuration, the compiled budgets, every graph
+(file, sha256, inputs/outputs with dtypes and dynamic axes, precision), engines and one ``StageRecord`` per stage.
+Stages pass ``Manifest`` objects (frozen dataclasses), never raw dicts; all schema checks live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+from .fileio import atomic_write_text, sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output; a string in ``shape`` names a dynamic axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ManifestError(f"Tensor '{self.name}' has unknown dtype '{self.dtype}'.", f"use one of {DTYPES}.")
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph (``dit``, ``vae_encoder``, ``vae_decoder``) at one precision."""
+
+    name: str
+    precision: str
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{self.precision}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GraphSpec:
+        return cls(
+            name=d["name"],
+            precision=d["precision"],
+            file=d["file"],
+            sha256=d["sha256"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            external_data=d.get("external_data"),
+            info=dict(d.get("info", {})),
+        )
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One TensorRT plan: a (graph, bucket, precision) with its provenance."""
+
+    graph: str
+    budget: int
+    precision: str
+    file: str
+    sha256: str
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineSpec:
+        return cls(d["graph"], int(d["budget"]), d["precision"], d["file"], d["sha256"], dict(d.get("provenance", {})))
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage did: its settings, the hash of its inputs (for skip-on-rerun), time and results."""
+
+    stage: str
+    inputs_sha256: str
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    tool_versions: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StageRecord:
+        return cls(
+            d["stage"], d["inputs_sha256"], dict(d.get("settings", {})), float(d.get("seconds", 0.0)),
+            dict(d.get("tool_versions", {})), dict(d.get("results", {})),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the runtime needs to know about the model, independent of where its weights live.
+
+    Args:
+        family: DiT family adapter name ("qwen-image").
+        transformer: the diffusers transformer config (in_channels, axes_dims_rope, zero_cond_t, ...).
+        vae: z_dim, latents_mean, latents_std, temperal_downsample.
+        scheduler: the scheduler_config.json values.
+        text_encoder_dir: folder with text_encoder/, tokenizer/, processor/ (a diffusers model dir), or None.
+    """
+
+    family: str
+    transformer: dict
+    vae: dict
+    scheduler: dict
+    text_encoder_dir: str | None = None
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae["z_dim"])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** len(self.vae.get("temperal_downsample", [False, True, True]))
+
+    @property
+    def text_hidden_size(self) -> int:
+        return int(self.transformer["joint_attention_dim"])
+
+    @property
+    def zero_cond_t(self) -> bool:
+        return bool(self.transformer.get("zero_cond_t", False))
+
+    @classmethod
+    def from_diffusers_dir(cls, model_dir: str | os.PathLike) -> ModelConfig:
+        """Read a diffusers-format folder's JSON configs (no weights, no torch)."""
+        root = Path(model_dir)
+        index = root / "model_index.json"
+        if not index.is_file():
+            raise ManifestError(
+                f"'{root}' is not a diffusers model folder (no model_index.json).",
+                "pass a folder written by `uniref-deploy preset` or a diffusers checkpoint, or an artifact folder.",
+            )
+        try:
+            transformer = json.loads((root / "transformer" / "config.json").read_text())
+            vae = json.loads((root / "vae" / "config.json").read_text())
+            scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ManifestError(f"Cannot read the configs of '{root}': {err}.", "is the checkpoint complete?") from err
+        vae_keep = {k: vae[k] for k in ("z_dim", "latents_mean", "latents_std", "temperal_downsample") if k in vae}
+        has_text = (root / "text_encoder").is_dir() and (root / "processor").is_dir()
+        return cls("qwen-image", _strip_private(transformer), vae_keep, _strip_private(scheduler),
+                   str(root.resolve()) if has_text else None)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(d["family"], dict(d["transformer"]), dict(d["vae"]), dict(d["scheduler"]), d.get("text_encoder_dir"))
+
+
+def _strip_private(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The artifact directory's contents; immutable, updated with ``replace``-style helpers."""
+
+    model: ModelConfig
+    budgets: tuple[int, ...] = ()
+    graphs: tuple[GraphSpec, ...] = ()
+    engines: tuple[EngineSpec, ...] = ()
+    stages: tuple[StageRecord, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    # ---- lookups -------------------------------------------------------------------------------------------
+    def graph(self, name: str, precision: str = "fp32") -> GraphSpec:
+        for g in self.graphs:
+            if g.name == name and g.precision == precision:
+                return g
+        have = sorted(g.key for g in self.graphs) or ["none"]
+        raise ManifestError(
+            f"The artifacts have no '{name}' graph at precision '{precision}' (have: {', '.join(have)}).",
+            f"re-run `uniref-deploy export` with --dtypes including {precision}, or pick another precision.",
+        )
+
+    def has_graph(self, name: str, precision: str) -> bool:
+        return any(g.name == name and g.precision == precision for g in self.graphs)
+
+    def stage(self, name: str) -> StageRecord | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+    # ---- updates -------------------------------------------------------------------------------------------
+    def with_graph(self, graph: GraphSpec) -> Manifest:
+        kept = tuple(g for g in self.graphs if g.key != graph.key)
+        return dataclasses.replace(self, graphs=(*kept, graph))
+
+    def with_engine(self, engine: EngineSpec) -> Manifest:
+        kept = tuple(e for e in self.engines if e.file != engine.file)
+        return dataclasses.replace(self, engines=(*kept, engine))
+
+    def with_stage(self, record: StageRecord) -> Manifest:
+        kept = tuple(s for s in self.stages if s.stage != record.stage)
+        return dataclasses.replace(self, stages=(*kept, record))
+
+    def with_budgets(self, budgets: tuple[int, ...]) -> Manifest:
+        return dataclasses.replace(self, budgets=tuple(sorted(set(budgets))))
+
+    # ---- (de)serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"Manifest schema version {version!r} is not supported (this build reads {SCHEMA_VERSION}).",
+                "re-run `uniref-deploy export` with this version of uniref-deploy.",
+            )
+        try:
+            return cls(
+                model=ModelConfig.from_dict(d["model"]),
+                budgets=tuple(int(b) for b in d.get("budgets", ())),
+                graphs=tuple(GraphSpec.from_dict(g) for g in d.get("graphs", ())),
+                engines=tuple(EngineSpec.from_dict(e) for e in d.get("engines", ())),
+                stages=tuple(StageRecord.from_dict(s) for s in d.get("stages", ())),
+                schema_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"Manifest is malformed: missing or bad field {err}.", "re-run the export.") from err
+
+    @classmethod
+    def load(cls, art_dir: str | os.PathLike) -> Manifest:
+        path = Path(art_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(
+                f"'{art_dir}' has no {MANIFEST_NAME}.",
+                "pass an artifact folder written by `uniref-deploy export` or `compile`.",
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"'{path}' is not valid JSON ({err}).", "the file is damaged; re-run the export.") from err
+        return cls.from_dict(data)
+
+    def save(self, art_dir: str | os.PathLike) -> Path:
+        path = Path(art_dir) / MANIFEST_NAME
+        atomic_write_text(path, self.to_json() + "\n")
+        return path
+
+    def verify_files(self, art_dir: str | os.PathLike, names: tuple[str, ...] | None = None) -> None:
+        """Check that each graph file exists and matches its recorded sha256.
+
+        Raises:
+            ManifestError: a file is missing or its content changed since it was recorded.
+        """
+        root = Path(art_dir)
+        for g in self.graphs:
+            if names is not None and g.key not in names:
+                continue
+            f = root / g.file
+            if not f.is_file():
+                raise ManifestError(f"Graph file '{f}' listed in the manifest is missing.", "re-run the export.")
+            if sha256_file(f) != g.sha256:
+                raise ManifestError(
+                    f"Graph file '{f}' does not match the sha256 recorded in the manifest (damaged or replaced).",
+                    "re-run `uniref-deploy export` to regenerate it.",
+                )

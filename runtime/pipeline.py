@@ -1,0 +1,292 @@
+"""The edit pipeline: thin orchestration over packing, text conditioning, backends and the scheduler.
+
+``Pipeline.from_pretrained(model_dir, backend="torch")`` runs diffusers' modules; ``Pipeline.from_artifacts(art)``
+runs exported graphs (ONNX Runtime, TensorRT). With ``policy="per-image"`` and the same components, latents and
+embeddings, the output reproduces diffusers' ``QwenImageEditPlusPipeline``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import latents as lat
+from .backends.base import Backend, backend_factory
+from .errors import InputError
+from .graphs import DIT, VAE_DECODER, VAE_ENCODER
+from .images import from_model_output, load_images, to_model_input, to_pil
+from .manifest import Manifest, ModelConfig
+from .packing import POLICIES, PackedLayout, budget_pixels, pack_references
+from .rope import RopeCache, RopeConfig, modulation_index
+from .scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
+from .text import CONDITION_IMAGE_AREA, MAX_TEXT_TOKENS, QwenPromptEncoder
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, float], None]  # (step index, total steps, seconds of this step)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage in the last call (for profiling)."""
+
+    text_encode: float = 0.0
+    vae_encode: float = 0.0
+    pack_rope: float = 0.0
+    dit: list[float] = field(default_factory=list)
+    scheduler: float = 0.0
+    vae_decode: float = 0.0
+    total: float = 0.0
+
+
+class Pipeline:
+    """Multi-reference image edit over interchangeable backends.
+
+    Args:
+        config: the model configuration (transformer/VAE/scheduler configs, text encoder location).
+        backends: one ``Backend`` per graph name ("dit", "vae_encoder", "vae_decoder").
+        text_encoder: a ``QwenPromptEncoder`` or None (then pass ``prompt_embeds``).
+        budgets: pixel budgets this pipeline may run; None allows any (torch backend).
+    """
+
+    def __init__(self, config: ModelConfig, backends: dict[str, Backend], text_encoder: QwenPromptEncoder | None = None,
+                 budgets: Sequence[int] | None = None):
+        self.config = config
+        self.backends = backends
+        self.text_encoder = text_encoder
+        self.budgets = tuple(budget_pixels(b) for b in budgets) if budgets else None
+        self.rope = RopeCache(RopeConfig.from_transformer_config(config.transformer))
+        self.scheduler_config = FlowMatchEulerConfig.from_dict(config.scheduler)
+        self.latents_mean = np.asarray(config.vae["latents_mean"], dtype=np.float32)
+        self.latents_std = np.asarray(config.vae["latents_std"], dtype=np.float32)
+        self._vae_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.vae_cache_size = 32
+        self.last_times = StageTimes()
+        self.last_layout: PackedLayout | None = None
+
+    # ---- constructors -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, backend: str = "torch", torch_dtype: str = "float32",
+                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True) -> Pipeline:
+        """A pipeline over a diffusers-format folder, running diffusers' modules (``backend="torch"``)."""
+        if backend != "torch":
+            raise InputError(
+                f"from_pretrained runs the torch backend, not '{backend}'.",
+                "export the model (`uniref-deploy export`) and use Pipeline.from_artifacts for ort/trt.",
+            )
+        config = ModelConfig.from_diffusers_dir(model_dir)
+        backends = backend_factory("torch").create(config, model_dir, dtype=torch_dtype)
+        text = _text_encoder(config, condition_image_area, torch_dtype) if load_text_encoder else None
+        return cls(config, backends, text)
+
+    @classmethod
+    def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32",
+                       condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
+                       **backend_options) -> Pipeline:
+        """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``."""
+        manifest = Manifest.load(art_dir)
+        if backend == "auto":
+            backend = _auto_backend(manifest)
+        backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,
+                                                   precision=precision, **backend_options)
+        text = _text_encoder(manifest.model, condition_image_area) if load_text_encoder else None
+        return cls(manifest.model, backends, text, budgets=manifest.budgets or None)
+
+    # ---- the call -----------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | None = None,
+        image: Sequence | None = None,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float = 4.0,
+        num_inference_steps: int = 50,
+        budget: int = 1024 * 1024,
+        policy: str = "self",
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        prompt_embeds_mask: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds_mask: np.ndarray | None = None,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+    ) -> Image.Image | np.ndarray:
+        """Edit: returns a PIL image, or float32 HWC in [0, 1] with ``output_type="np"``, or packed latents
+        [1, S_target, 4z] with ``output_type="latent"``.
+
+        Zero references is plain text-to-image generation and needs ``width`` and ``height``.
+        """
+        t_start = time.perf_counter()
+        times = StageTimes()
+        # 1. check inputs, read the references
+        self.check_inputs(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
+                          policy, output_type, budget)
+        images = load_images(image or [])
+        do_cfg = true_cfg_scale > 1.0 and (negative_prompt is not None or negative_prompt_embeds is not None)
+
+        # 2. pack the references into the budget
+        t0 = time.perf_counter()
+        layout = pack_references([im.size for im in images], budget_pixels(budget), policy, width, height)
+        self.last_layout = layout
+        times.pack_rope += time.perf_counter() - t0
+
+        # 3. text conditioning
+        t0 = time.perf_counter()
+        cond = self._embeds(prompt, images, prompt_embeds, prompt_embeds_mask)
+        uncond = self._embeds(negative_prompt, images, negative_prompt_embeds, negative_prompt_embeds_mask) if do_cfg else None
+        times.text_encode = time.perf_counter() - t0
+
+        # 4. VAE-encode the references (cached by content) into packed tokens
+        t0 = time.perf_counter()
+        ref_tokens = [self._encode_reference(im, slot.width, slot.height) for im, slot in zip(images, layout.references, strict=True)]
+        times.vae_encode = time.perf_counter() - t0
+
+        # 5. initial latents
+        z = self.config.latent_channels
+        tgt = layout.target
+        n_target = layout.num_target_tokens
+        if latents is None:
+            latents = lat.initial_noise(seed, z, tgt.latent_h, tgt.latent_w)
+        elif latents.shape != (1, n_target, 4 * z):
+            raise InputError(f"latents have shape {latents.shape}, expected (1, {n_target}, {4 * z}) for this layout.")
+        latents = latents.astype(np.float32)
+
+        # 6. RoPE tables and the static DiT feeds
+        t0 = time.perf_counter()
+        static = [self._static_feeds(layout, e, m) for e, m in ([cond] + ([uncond] if do_cfg else []))]
+        times.pack_rope += time.perf_counter() - t0
+
+        # 7. timesteps (dynamic shift from the TARGET token count)
+        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, image_seq_len=n_target)
+
+        # 8. denoise
+        dit = self.backends[DIT]
+        for i, t in enumerate(scheduler.timesteps):
+            t_step = time.perf_counter()
+            model_in = np.concatenate([latents, *ref_tokens], axis=1) if ref_tokens else latents
+            timestep = np.full((1,), t / 1000.0, dtype=np.float32)
+            preds = [dit.infer({**s, "hidden_states": model_in, "timestep": timestep})["velocity"][:, :n_target]
+                     for s in static]
+            times.dit.append(time.perf_counter() - t_step)
+            t0 = time.perf_counter()
+            velocity = cfg_combine(preds[0], preds[1], true_cfg_scale) if do_cfg else preds[0]
+            latents = scheduler.step(velocity, i, latents)
+            times.scheduler += time.perf_counter() - t0
+            if callback is not None:
+                callback(i, len(scheduler.timesteps), time.perf_counter() - t_step)
+
+        if output_type == "latent":
+            times.total = time.perf_counter() - t_start
+            self.last_times = times
+            return latents
+
+        # 9. decode
+        t0 = time.perf_counter()
+        latent = lat.denormalize(lat.unpack(latents, tgt.latent_h, tgt.latent_w), self.latents_mean, self.latents_std)
+        decoded = self.backends[VAE_DECODER].infer({"latent": latent})["image"]
+        out = from_model_output(np.clip(decoded, -1.0, 1.0))
+        times.vae_decode = time.perf_counter() - t0
+        times.total = time.perf_counter() - t_start
+        self.last_times = times
+        return out if output_type == "np" else to_pil(out)
+
+    # ---- steps --------------------------------------------------------------------------------------------
+    def check_inputs(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, steps, policy,
+                     output_type, budget) -> None:
+        """Reject inconsistent or unsupported arguments with a one-line message."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise InputError("Pass exactly one of prompt and prompt_embeds.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise InputError("Pass at most one of negative_prompt and negative_prompt_embeds.")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}.", "run one prompt per call.")
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}.")
+        if policy not in POLICIES:
+            raise InputError(f"Unknown packing policy '{policy}'.", f"use one of {', '.join(POLICIES)}.")
+        if output_type not in ("pil", "np", "latent"):
+            raise InputError(f"Unknown output_type '{output_type}'.", "use 'pil', 'np' or 'latent'.")
+        if self.budgets is not None and budget_pixels(budget) not in self.budgets:
+            have = ", ".join(f"{int(round(b ** 0.5))}" for b in self.budgets)
+            raise InputError(
+                f"Budget {budget} was not compiled into these artifacts (compiled: {have}).",
+                f"use one of {have}, or re-run the export with --budgets including it.",
+            )
+
+    def _embeds(self, prompt, images, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
+        if embeds is None:
+            if self.text_encoder is None:
+                raise InputError(
+                    "No text encoder is available for this model.",
+                    "pass prompt_embeds (and negative_prompt_embeds), or use a model folder with text_encoder/.",
+                )
+            return self.text_encoder.encode(prompt, images)
+        embeds = np.asarray(embeds, dtype=np.float32)
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.config.text_hidden_size:
+            raise InputError(
+                f"prompt_embeds have shape {embeds.shape}, expected (1, L, {self.config.text_hidden_size}).")
+        if embeds.shape[1] > MAX_TEXT_TOKENS:
+            raise InputError(f"prompt_embeds have {embeds.shape[1]} tokens, over the limit of {MAX_TEXT_TOKENS}.",
+                             "shorten the prompt.")
+        mask = np.ones(embeds.shape[:2], dtype=bool) if mask is None else np.asarray(mask).astype(bool).reshape(embeds.shape[:2])
+        return embeds, mask
+
+    def _encode_reference(self, img: Image.Image, width: int, height: int) -> np.ndarray:
+        key = hashlib.sha256(img.tobytes() + f"{img.size}->{width}x{height}".encode()).hexdigest()
+        if key in self._vae_cache:
+            self._vae_cache.move_to_end(key)
+            return self._vae_cache[key]
+        latent = self.backends[VAE_ENCODER].infer({"image": to_model_input(img, width, height)})["latent"]
+        tokens = lat.pack(lat.normalize(latent, self.latents_mean, self.latents_std))
+        self._vae_cache[key] = tokens
+        if len(self._vae_cache) > self.vae_cache_size:
+            self._vae_cache.popitem(last=False)
+        return tokens
+
+    def _static_feeds(self, layout: PackedLayout, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        tables = self.rope.tables(layout.grids, embeds.shape[1])
+        feeds = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, **tables}
+        if self.config.zero_cond_t:
+            feeds["modulate_index"] = modulation_index(layout.grids)
+        return feeds
+
+    def close(self) -> None:
+        for b in self.backends.values():
+            b.deactivate()
+
+
+def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
+    """True CFG with diffusers' norm rescale: the guided velocity keeps the conditional one's per-token norm."""
+    comb = uncond + scale * (cond - uncond)
+    cond_norm = np.linalg.norm(cond, axis=-1, keepdims=True)
+    comb_norm = np.linalg.norm(comb, axis=-1, keepdims=True)
+    return (comb * (cond_norm / comb_norm)).astype(np.float32)
+
+
+def _text_encoder(config: ModelConfig, condition_area: int, dtype: str = "float32") -> QwenPromptEncoder | None:
+    if config.text_encoder_dir and Path(config.text_encoder_dir, "text_encoder").is_dir():
+        return QwenPromptEncoder(config.text_encoder_dir, condition_area=condition_area, dtype=dtype)
+    return None
+
+
+def _auto_backend(manifest: Manifest) -> str:
+    """TensorRT when engines exist and TensorRT imports, else ONNX Runtime."""
+    from ._lazy import is_available
+
+    if manifest.engines and is_available("tensorrt"):
+        return "trt"
+    return "ort"

@@ -1,0 +1,37 @@
+"""Shared pytest fixtures. Keep each group in its own section; session-scoped models are built once per run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+logger = logging.getLogger(__name__)
+
+
+# --- model presets (export/presets.py) -------------------------------------------------------------------------
+
+
+def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from uniref_deploy.export.presets import build_preset
+
+    start = time.perf_counter()
+    out = build_preset(name, tmp_path_factory.mktemp("presets") / name, seed=0)
+    logger.info("preset %s built in %.1f s", name, time.perf_counter() - start)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` preset (seed 0) in diffusers format; built once per session (~1 s after imports)."""
+    return _build_preset_fixture("tiny", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``small`` preset (seed 0, ~1 GB on disk, ~10-15 s); only built when a test requests it."""
+    return _build_preset_fixture("small", tmp_path_factory)

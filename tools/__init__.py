@@ -1,0 +1,1 @@
+"""uniref_deploy.tools."""

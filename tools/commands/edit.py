@@ -1,0 +1,45 @@
+"""`uniref-deploy edit MODEL --image A --image B --prompt TEXT -o OUT.png`: one edit, with a progress bar."""
+
+from __future__ import annotations
+
+import click
+
+from uniref_deploy.tools.options import edit_options
+
+
+@click.command("edit")
+@click.argument("model")
+@click.option("--image", "images", multiple=True, type=click.Path(), help="Reference image (repeat, in order).")
+@click.option("--prompt", required=True, help="Edit instruction.")
+@click.option("--negative-prompt", default=None, help="Negative prompt; enables true CFG when --cfg > 1.")
+@edit_options
+@click.option("--backend", type=click.Choice(["auto", "torch", "ort", "trt"]), default="auto", show_default=True,
+              help="Backend (torch for model folders; ort/trt for artifact folders).")
+@click.option("--precision", default="fp32", show_default=True, help="Graph precision for artifact folders.")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output PNG.")
+def command(model, images, prompt, negative_prompt, budget, policy, steps, true_cfg_scale, seed, width, height,
+            backend, precision, out_path) -> None:
+    """Edit with MODEL (artifact folder, diffusers folder, or preset name `tiny`/`small`)."""
+    from tqdm import tqdm
+
+    from uniref_deploy.runtime.fileio import atomic_path
+    from uniref_deploy.runtime.images import load_images
+    from uniref_deploy.runtime.pipeline import Pipeline
+    from uniref_deploy.tools.model_source import resolve_model
+
+    refs = load_images(images)  # fail fast on bad files, before any model loads
+    kind, path = resolve_model(model)
+    if kind == "artifacts":
+        pipe = Pipeline.from_artifacts(path, backend=backend, precision=precision)
+    else:
+        pipe = Pipeline.from_pretrained(path, backend="torch" if backend == "auto" else backend)
+    bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
+    out = pipe(prompt, image=refs, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+               num_inference_steps=steps, budget=int(budget), policy=policy, width=width, height=height, seed=seed,
+               callback=lambda i, n, dt: bar.update(1))
+    bar.close()
+    with atomic_path(out_path) as tmp:
+        out.save(tmp, format="PNG")
+    layout = pipe.last_layout
+    click.echo(f"wrote {out_path} ({out.width}x{out.height}; {len(refs)} reference(s), "
+               f"{layout.num_image_tokens} image tokens, {pipe.last_times.total:.1f} s)")
