@@ -72,7 +72,7 @@ def export_graph(module: torch.nn.Module, args: tuple, path: str | os.PathLike, 
                 dynamo=True, optimize=True, verbose=False,
             )
         except Exception as err:
-            raise ExportError(f"torch.onnx.export failed for '{path.name}': {str(err).splitlines()[0]}",
+            raise ExportError(f"torch.onnx.export failed for '{path.name}': {_summary(err)}",
                               "run with -vv for the full trace.") from err
         large = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD * 0.9
         program.save(str(tmp), external_data=large)
@@ -94,8 +94,23 @@ def export_graph(module: torch.nn.Module, args: tuple, path: str | os.PathLike, 
 
 
 def _by_position(module: torch.nn.Module, names: list[str], shapes: dict) -> tuple:
-    """dynamic_shapes as a tuple in argument order (independent of forward's parameter names)."""
-    return tuple(shapes.get(n) or None for n in names)
+    """dynamic_shapes in argument order (independent of forward's parameter names); nested for ``*args``."""
+    import inspect
+
+    ordered = tuple(shapes.get(n) or None for n in names)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return (ordered,)
+    return ordered
+
+
+def _summary(err: Exception) -> str:
+    """The most informative single line of an exporter error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("<class") or "Error:" in ln:
+            return ln
+    return lines[0] if lines else type(err).__name__
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

@@ -8,6 +8,7 @@ composited on white) rather than rejected. Unreadable, truncated or empty files 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,12 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
     if path.stat().st_size == 0:
         raise InputError(f"Image '{path}' is an empty file (0 bytes).", "pass a valid PNG/JPEG/WebP image.")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # PIL warns between its own limit (~89 MP) and twice that; MAX_PIXELS is lower and checked below, so
+            # the warning would only add a stray stderr line in front of the one-line error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             _check_size(img, str(path))
             img.load()
             return to_rgb(img)
@@ -47,8 +53,10 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
             f"Image '{path}' cannot be decoded ({type(err).__name__}: {err}).",
             "the file is corrupt, truncated or not an image; re-export it as PNG or JPEG.",
         ) from err
-    except Image.DecompressionBombError as err:  # pragma: no cover - PIL raises this above MAX_IMAGE_PIXELS
-        raise InputError(f"Image '{path}' is too large to decode safely.", "downscale it first.") from err
+    except Image.DecompressionBombError as err:  # PIL refuses twice its MAX_IMAGE_PIXELS before we see the size
+        raise InputError(
+            f"Image '{path}' is over the {MAX_PIXELS / 2**20:.0f} MP limit ({err}).", "downscale it first."
+        ) from err
 
 
 def _check_size(img: Image.Image, name: str) -> Image.Image:
@@ -57,7 +65,8 @@ def _check_size(img: Image.Image, name: str) -> Image.Image:
         raise InputError(f"Image '{name}' has zero area ({w}x{h}).", "pass a non-empty image.")
     if w * h > MAX_PIXELS:
         raise InputError(
-            f"Image '{name}' is {w}x{h} = {w * h / 1e6:.1f} MP, over the {MAX_PIXELS / 2**20:.0f} MP limit.",
+            f"Image '{name}' is {w}x{h} = {w * h / 2**20:.1f} MP, over the {MAX_PIXELS / 2**20:.0f} MP limit "
+            f"({MAX_PIXELS} pixels).",
             "downscale it first; the model never sees more than the budget anyway.",
         )
     return img
@@ -81,7 +90,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.copy() if img.readonly else img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if arr.max() > 255 else 255.0
+        # I;16* is 16-bit by definition; 32-bit "I" (e.g. 16-bit PNGs on older Pillow) is judged by its range.
+        scale = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0
         return Image.fromarray((arr / scale * 255.0).round().clip(0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)

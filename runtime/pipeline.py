@@ -7,6 +7,7 @@ embeddings, the output reproduces diffusers' ``QwenImageEditPlusPipeline``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -98,8 +99,11 @@ class Pipeline:
             backend = _auto_backend(manifest)
         backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,
                                                    precision=precision, **backend_options)
-        text = _text_encoder(manifest.model, condition_image_area) if load_text_encoder else None
-        return cls(manifest.model, backends, text, budgets=manifest.budgets or None)
+        config = manifest.model
+        if config.text_encoder_dir and not Path(config.text_encoder_dir).is_absolute():
+            config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
+        text = _text_encoder(config, condition_image_area) if load_text_encoder else None
+        return cls(config, backends, text, budgets=manifest.budgets or None)
 
     # ---- the call -----------------------------------------------------------------------------------------
     def __call__(

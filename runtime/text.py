@@ -71,14 +71,17 @@ class QwenPromptEncoder:
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
 
-    def _load(self) -> None:
+    def _load(self, part: str) -> None:
+        """Load the processor (``part="processor"``) or the text model (``part="model"``)."""
         torch = require("torch", extra="torch")
         try:
             transformers = require("transformers", extra="torch")
-            self._processor = transformers.AutoProcessor.from_pretrained(self.model_dir / "processor")
-            self._model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                self.model_dir / "text_encoder", torch_dtype=getattr(torch, self.dtype)
-            ).eval()
+            if part == "processor":
+                self._processor = transformers.AutoProcessor.from_pretrained(self.model_dir / "processor")
+            else:
+                self._model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    self.model_dir / "text_encoder", torch_dtype=getattr(torch, self.dtype)
+                ).eval()
         except (OSError, ValueError) as err:
             raise MissingDependencyError(f"Cannot load the text encoder from '{self.model_dir}': {err}.") from err
 
@@ -88,13 +91,26 @@ class QwenPromptEncoder:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if self._model is None:
-            self._load()
+        if self._processor is None:
+            self._load("processor")
         torch = require("torch", extra="torch")
         cond = condition_images(images, self.condition_area)
         inputs = self._processor(
             text=[format_prompt(prompt, len(cond))], images=cond or None, padding=True, return_tensors="pt"
         )
+        keep = inputs["attention_mask"][0].bool()
+        # Length check before the (slow) text model runs: the conditioning is every attended token but the first
+        # DROP_TOKENS, image placeholder tokens included.
+        num_tokens = int(keep.sum()) - DROP_TOKENS
+        if num_tokens <= 0:
+            raise InputError("The prompt encodes to zero tokens after the template.", "pass a non-empty prompt.")
+        if num_tokens > MAX_TEXT_TOKENS:
+            raise InputError(
+                f"The prompt encodes to {num_tokens} text tokens, over the limit of {MAX_TEXT_TOKENS}.",
+                "shorten the prompt.",
+            )
+        if self._model is None:
+            self._load("model")
         with torch.inference_mode():
             out = self._model(
                 input_ids=inputs["input_ids"],
@@ -103,14 +119,7 @@ class QwenPromptEncoder:
                 image_grid_thw=inputs.get("image_grid_thw"),
                 output_hidden_states=True,
             )
-        hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()][DROP_TOKENS:]
-        if hidden.shape[0] == 0:
-            raise InputError("The prompt encodes to zero tokens after the template.", "pass a non-empty prompt.")
-        if hidden.shape[0] > MAX_TEXT_TOKENS:
-            raise InputError(
-                f"The prompt encodes to {hidden.shape[0]} text tokens, over the limit of {MAX_TEXT_TOKENS}.",
-                "shorten the prompt.",
-            )
+        hidden = out.hidden_states[-1][0][keep][DROP_TOKENS:]
         embeds = hidden.float().cpu().numpy()[None]
         result = (embeds, np.ones(embeds.shape[:2], dtype=bool))
         self._cache[key] = result

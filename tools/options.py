@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.packing import BUDGETS, POLICIES
 

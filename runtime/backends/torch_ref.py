@@ -64,7 +64,9 @@ class TorchDitBackend(Backend):
         dt = getattr(torch, self.dtype)
 
         def t(name: str, dtype=dt):
-            return torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, dtype)
+            arr = feeds[name]
+            arr = np.array(arr) if not arr.flags.writeable else np.ascontiguousarray(arr)
+            return torch.from_numpy(arr).to(self.device, dtype)
 
         img = torch.complex(t("img_cos", torch.float32), t("img_sin", torch.float32))
         txt = torch.complex(t("txt_cos", torch.float32), t("txt_sin", torch.float32))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from uniref_deploy.tools.options import edit_options
 
 
@@ -21,7 +20,6 @@ def command(model, images, prompt, negative_prompt, budget, policy, steps, true_
             backend, precision, out_path) -> None:
     """Edit with MODEL (artifact folder, diffusers folder, or preset name `tiny`/`small`)."""
     from tqdm import tqdm
-
     from uniref_deploy.runtime.fileio import atomic_path
     from uniref_deploy.runtime.images import load_images
     from uniref_deploy.runtime.pipeline import Pipeline
@@ -33,11 +31,21 @@ def command(model, images, prompt, negative_prompt, budget, policy, steps, true_
         pipe = Pipeline.from_artifacts(path, backend=backend, precision=precision)
     else:
         pipe = Pipeline.from_pretrained(path, backend="torch" if backend == "auto" else backend)
-    bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
-    out = pipe(prompt, image=refs, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-               num_inference_steps=steps, budget=int(budget), policy=policy, width=width, height=height, seed=seed,
-               callback=lambda i, n, dt: bar.update(1))
-    bar.close()
+    bar = None
+
+    def progress(i: int, n: int, dt: float) -> None:
+        nonlocal bar  # created at the first step, so a request rejected before denoising prints only its error
+        if bar is None:
+            bar = tqdm(total=n, desc="denoising", unit="step", leave=False)
+        bar.update(1)
+
+    try:
+        out = pipe(prompt, image=refs, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                   num_inference_steps=steps, budget=int(budget), policy=policy, width=width, height=height,
+                   seed=seed, callback=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     with atomic_path(out_path) as tmp:
         out.save(tmp, format="PNG")
     layout = pipe.last_layout
