@@ -35,3 +35,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``small`` preset (seed 0, ~1 GB on disk, ~10-15 s); only built when a test requests it."""
     return _build_preset_fixture("small", tmp_path_factory)
+
+
+# --- artifacts (export + compile) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``compile tiny`` at the 1024 bucket (fp32 + fp16 graphs, validated, runtime-checked, engine plan).
+
+    Built once per session (~2-3 min on 2 cores). Tests must not modify it: copy it first (``copy_artifacts``).
+    """
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("diffusers")
+    from uniref_deploy.tools.compile_job import compile_model
+
+    art = tmp_path_factory.mktemp("artifacts") / "tiny"
+    start = time.perf_counter()
+    compile_model("tiny", art, [1024 * 1024], ["fp16"], say=lambda msg: logger.info(msg))
+    logger.info("tiny artifacts compiled in %.1f s", time.perf_counter() - start)
+    return art
+
+
+@pytest.fixture
+def copy_artifacts(tiny_artifacts: Path, tmp_path: Path):
+    """A private copy of the tiny artifacts for tests that write into the folder."""
+    import shutil
+
+    def make() -> Path:
+        dst = tmp_path / "art"
+        shutil.copytree(tiny_artifacts, dst, symlinks=True)
+        return dst
+
+    return make

@@ -39,15 +39,19 @@ class OrtBackend(Backend):
         threads: intra-op threads (default: ONNX Runtime's choice).
         verify: check the file's sha256 against the manifest before loading.
         optimization: "all" (ORT_ENABLE_ALL, fusions included), "extended", "basic" or "disabled".
+        profile_prefix: when set, ONNX Runtime's profiler is on and writes its JSON trace to
+            ``<profile_prefix>_<date>.json`` (returned by ``end_profiling``); default None (off).
     """
 
     kind = "ort"
 
     def __init__(self, graph: GraphSpec, art_dir: str | os.PathLike, providers: list[str] | None = None,
-                 threads: int | None = None, verify: bool = True, optimization: str = "all"):
+                 threads: int | None = None, verify: bool = True, optimization: str = "all",
+                 profile_prefix: str | None = None):
         super().__init__(graph.name, graph.inputs, graph.outputs)
         self.graph, self.path = graph, Path(art_dir) / graph.file
         self.providers, self.threads, self.verify, self.optimization = providers, threads, verify, optimization
+        self.profile_prefix = profile_prefix
         self.session = None
 
     def _activate(self) -> None:
@@ -69,6 +73,9 @@ class OrtBackend(Backend):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
+        if self.profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(self.profile_prefix)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts,
                                                 providers=self.providers or default_providers())
@@ -99,6 +106,12 @@ class OrtBackend(Backend):
     def profile_session(self):
         """The underlying session (for ORT's profiler in tools/profile)."""
         return self.session
+
+    def end_profiling(self) -> str | None:
+        """Stop ONNX Runtime's profiler; returns its JSON trace path (None when profiling is off or inactive)."""
+        if self.session is None or not self.profile_prefix:
+            return None
+        return self.session.end_profiling()
 
 
 class OrtBackendFactory:

@@ -248,7 +248,7 @@ def test_layout_key_and_dict() -> None:
         ({"sizes": [(512, 0)], "budget": 1024}, "positive width and height"),
         ({"sizes": [(-3, 512)], "budget": 1024}, "positive width and height"),
         ({"sizes": [(512, 512)] * 17, "budget": 1024}, "fewer references or a larger budget"),
-        ({"sizes": [(512, 512)] * 17, "budget": 1024, "policy": "per-image"}, "at most 16"),
+        ({"sizes": [(512, 512)] * 17, "budget": 1024, "policy": "proportional"}, "at most 16"),
         ({"sizes": [(512, 512)], "budget": 0}, "Budget must be positive"),
         ({"sizes": [(512, 512)], "budget": -1024}, "Budget must be positive"),
         ({"sizes": [(512, 512)], "budget": "1024"}, "Budget must be an integer"),

@@ -1,0 +1,246 @@
+"""``calibrate_fp8``: the calibration stage. fp32 DiT graph + SELF-packed samples -> ``onnx/dit.fp8.onnx``.
+
+Road: ONNX-level Q/DQ. Activation absmax of every quantised linear layer is collected on the fp32 graph in ONNX
+Runtime; the graph passes under ``calibration/passes`` then store those layers' weights as float8 E4M3 behind
+DequantizeLinear (per output channel or per tensor) and fake-quantise their inputs with QuantizeLinear/
+DequantizeLinear (scale = absmax / 448, float8e4m3fn zero point). The embedders and the output head stay
+high-precision (fp16 storage, fp32 math). TensorRT's strongly-typed builder turns the Q/DQ pairs into FP8 GEMMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from uniref_deploy.runtime.backends.ort import OrtBackend
+from uniref_deploy.runtime.compare import compare
+from uniref_deploy.runtime.errors import CalibrationError
+from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text, sha256_file, sha256_json
+from uniref_deploy.runtime.graphs import DIT, VAE_DECODER
+from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
+
+from . import dataset as ds
+from .layers import attention_targets, find_layers, split_layers
+from .passes import PassOptions, fp8_passes
+from .ranges import collect_absmax, session
+from .report import bucket_accuracy, write_report
+
+logger = logging.getLogger(__name__)
+
+FP8_FILE = "onnx/dit.fp8.onnx"
+REPORT_DIR = "calibration"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Args:
+        samples (int, default 8): calibration samples, spread round-robin over the buckets.
+        images (str | None, default None): folder of reference images; None: built-in procedural set.
+        fp8_attention (bool, default False): also FP8 the attention q·kᵀ and p·v matmuls.
+        per_channel (bool | None, default None): per-output-channel weight scales (True), per-tensor (False), or
+            None: try both on the calibration set and keep the more accurate.
+        seed (int, default 0): seed of every random draw (samples, evaluation noise).
+        max_pixels (int, default 512*512): packing budget cap per calibration sample (CPU-sized sequences).
+        eval_steps (int, default 28): denoising steps of the accuracy report (0 skips the report).
+        force (bool, default False): recalibrate even when the inputs are unchanged.
+    """
+
+    samples: int = 8
+    images: str | None = None
+    fp8_attention: bool = False
+    per_channel: bool | None = None
+    seed: int = 0
+    max_pixels: int = 512 * 512
+    eval_steps: int = 28
+    force: bool = False
+
+    def settings(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "force"}
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    logger.info(msg)
+    if progress is not None:
+        progress(msg)
+
+
+def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | None = None) -> Manifest:
+    """Calibrate the fp32 DiT of ``art_dir`` to FP8 and record it in the manifest.
+
+    Args:
+        art_dir (str | PathLike): artifact folder with an fp32 ``dit`` and ``vae_encoder``/``vae_decoder`` graph.
+        options (CalibrationOptions): see the dataclass.
+        progress (Callable[[str], None] | None): receives one line per step.
+
+    Returns:
+        Manifest: the saved manifest with the ``dit``/``fp8`` graph and the ``calibrate`` stage record.
+
+    Raises:
+        ManifestError: the artifacts lack a graph or a file was damaged.
+        CalibrationError: bad options, empty data, or a produced graph that fails the checker/ORT.
+    """
+    start = time.perf_counter()
+    art = Path(art_dir)
+    manifest = Manifest.load(art)
+    fp32 = manifest.graph(DIT, "fp32")
+    manifest.verify_files(art, (fp32.key,))
+    if options.samples < 1:
+        raise CalibrationError(f"--samples must be at least 1, got {options.samples}.")
+    spec = ds.DatasetSpec(samples=options.samples, images=options.images, seed=options.seed,
+                          max_pixels=options.max_pixels)
+    inputs_sha = sha256_json({"dit": fp32.sha256, "options": options.settings(),
+                              "dataset": ds.fingerprint(spec, manifest)})
+    record = manifest.stage("calibrate")
+    if (not options.force and record is not None and record.inputs_sha256 == inputs_sha
+            and manifest.has_graph(DIT, "fp8") and (art / FP8_FILE).is_file()
+            and sha256_file(art / FP8_FILE) == manifest.graph(DIT, "fp8").sha256):
+        _say(progress, "calibrate: inputs unchanged; skipped")
+        return manifest
+
+    # 1. calibration set
+    _say(progress, f"calibrate: drawing {spec.samples} sample(s) over {len(manifest.budgets) or 1} bucket(s)")
+    calset = ds.CalibrationSet(manifest, art, spec)
+    samples = list(calset)
+    model = onnx.load(str(art / fp32.file))
+
+    # 2. layers and ranges
+    quant, high = split_layers(find_layers(model), manifest.model.family)
+    if not quant:
+        raise CalibrationError("The DiT graph has no linear layers to quantise.", "is this a Qwen-Image DiT export?")
+    attn = attention_targets(model) if options.fp8_attention else []
+    by_name = {n.name: n for n in model.graph.node}
+    act_targets = [(ly.node, 0) for ly in quant]
+    tensors = [ly.activation for ly in quant] + [by_name[n].input[i] for n, i in attn]
+    _say(progress, f"calibrate: collecting ranges of {len(set(tensors))} tensor(s) on {len(samples)} sample(s)")
+    ranges = collect_absmax(model, tensors, (s.feeds for s in samples))
+
+    # 3. passes (per-channel vs per-tensor measured when not chosen)
+    reference = session(model)
+    probe = samples[: min(3, len(samples))]
+    expected = [reference.run(["velocity"], s.feeds)[0] for s in probe]
+    candidates = [True, False] if options.per_channel is None else [options.per_channel]
+    tried: dict[str, dict] = {}
+    best = None
+    for per_channel in candidates:
+        pass_opts = PassOptions(per_channel=per_channel, fp8_attention=options.fp8_attention)
+        candidate = onnx.ModelProto()
+        candidate.CopyFrom(model)
+        counts = {p.name: p(candidate) for p in fp8_passes(pass_opts, [ly.node for ly in quant], act_targets,
+                                                           attn, ranges)}
+        sess = session(candidate)
+        cos = [compare("velocity", sess.run(["velocity"], s.feeds)[0], e).cosine
+               for s, e in zip(probe, expected, strict=True)]
+        label = "per-channel" if per_channel else "per-tensor"
+        tried[label] = {"cosine_min": round(min(cos), 6), "cosine_mean": round(float(np.mean(cos)), 6), "passes": counts}
+        _say(progress, f"calibrate: {label} weights: single-step cosine min {min(cos):.5f} mean {np.mean(cos):.5f}")
+        if best is None or np.mean(cos) > best[2]:
+            best = (per_channel, candidate, float(np.mean(cos)))
+    per_channel, fp8_model, _ = best
+
+    # 4. write and check
+    out = art / FP8_FILE
+    with atomic_path(out) as tmp:
+        onnx.save(fp8_model, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as err:
+            raise CalibrationError(f"The FP8 graph fails the ONNX checker: {err}".splitlines()[0]) from err
+    spec8 = GraphSpec(DIT, "fp8", FP8_FILE, sha256_file(out), fp32.inputs, fp32.outputs)
+    scales = {ly.module: round(ranges[ly.activation] / 448.0, 8) for ly in quant}
+
+    # 5. accuracy report
+    buckets_report = []
+    if options.eval_steps > 0:
+        staged = manifest.with_graph(spec8)
+        with OrtBackend(fp32, art) as b32, OrtBackend(spec8, art) as b8, \
+                OrtBackend(manifest.graph(VAE_DECODER, "fp32"), art) as dec:
+            for bucket in calset.buckets:
+                _say(progress, f"calibrate: {options.eval_steps}-step accuracy run, bucket {int(bucket ** 0.5)}²")
+                buckets_report.append(bucket_accuracy(ds.CalibrationSet(staged, art, spec), bucket, b32, b8, dec,
+                                                      options.eval_steps, options.seed))
+    fp16_path = art / manifest.graph(DIT, "fp16").file if manifest.has_graph(DIT, "fp16") else None
+    sizes = _sizes(art, fp32, out, fp16_path, quant)
+    report = {
+        "settings": {**options.settings(), "scales": "per-channel" if per_channel else "per-tensor"},
+        "alternatives": tried,
+        "quantised_layers": len(quant),
+        "skipped_layers": sorted({ly.module for ly in high}),
+        "sizes": sizes,
+        "buckets": buckets_report,
+    }
+    report_json, report_png = write_report(art / REPORT_DIR, report)
+    ranges_path = art / REPORT_DIR / "ranges.json"
+
+
+    atomic_write_text(ranges_path, json.dumps({"activation_scales": scales}, indent=2) + "\n")
+    figures = {f"b{int(b['bucket'] ** 0.5)}": {k: b[k] for k in ("cosine_min", "cosine_mean", "latent_psnr_db",
+                                                                    "image_psnr_db", "steps")}
+               for b in buckets_report}
+    scale_values = np.asarray(list(scales.values()), np.float64)
+    info = {
+        "opset": max(o.version for o in fp8_model.opset_import if o.domain in ("", "ai.onnx")),
+        "quantization": "fp8-e4m3 q/dq",
+        "weight_scales": "per-channel" if per_channel else "per-tensor",
+        "fp8_attention": options.fp8_attention,
+        "quantised_layers": len(quant),
+        "skipped_layers": report["skipped_layers"],
+        "activation_scales": {"count": len(scales), "min": float(scale_values.min()),
+                              "median": float(np.median(scale_values)), "max": float(scale_values.max())},
+        "figures": figures,
+        "sizes": sizes,
+        "ranges": f"{REPORT_DIR}/ranges.json",
+        "report": f"{REPORT_DIR}/report.json",
+    }
+    spec8 = dataclasses.replace(spec8, info=info)
+    seconds = round(time.perf_counter() - start, 2)
+    manifest = manifest.with_graph(spec8).with_stage(StageRecord(
+        "calibrate", inputs_sha, {**options.settings(), "dataset": ds.fingerprint(spec, manifest),
+                                  "dataset_feeds_sha256": ds.feeds_digest(samples)}, seconds,
+        _versions(), {"figures": figures, "alternatives": tried,
+                      "report": str(report_png.relative_to(art)) if report_png else str(report_json.relative_to(art))}))
+    manifest.save(art)
+    _say(progress, f"calibrate: wrote {FP8_FILE} ({sizes['fp8_file_bytes'] / 2**20:.2f} MiB) in {seconds:.1f} s")
+    return manifest
+
+
+def weight_bytes(path: str | Path) -> int:
+    """Bytes of all initializers of an ONNX file (external data included)."""
+    model = onnx.load(str(path))
+    return int(sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+
+
+def _sizes(art: Path, fp32: GraphSpec, fp8_path: Path, fp16_path: Path | None, quant) -> dict:
+    """File and weight sizes; ``quantised_*`` counts only the FP8 layers' weights (+ their scales)."""
+    fp8_model = onnx.load(str(fp8_path))
+    fp8_q = sum(onnx.numpy_helper.to_array(t).nbytes for t in fp8_model.graph.initializer
+                if t.data_type == onnx.TensorProto.FLOAT8E4M3FN or t.name.endswith("_scale"))
+    params = sum(ly.params for ly in quant)
+    out = {
+        "fp32_file_bytes": (art / fp32.file).stat().st_size,
+        "fp8_file_bytes": fp8_path.stat().st_size,
+        "fp8_weight_bytes": weight_bytes(fp8_path),
+        "quantised_params": params,
+        "quantised_fp8_bytes": int(fp8_q),
+        "quantised_fp16_bytes": 2 * params,
+        "quantised_fp8_over_fp16": round(fp8_q / (2 * params), 4),
+    }
+    if fp16_path is not None:
+        out["fp16_file_bytes"] = fp16_path.stat().st_size
+        out["fp16_weight_bytes"] = weight_bytes(fp16_path)
+        out["fp8_over_fp16_weights"] = round(out["fp8_weight_bytes"] / out["fp16_weight_bytes"], 4)
+        out["fp8_over_fp16_file"] = round(out["fp8_file_bytes"] / out["fp16_file_bytes"], 4)
+    return out
+
+
+def _versions() -> dict:
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

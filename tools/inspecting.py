@@ -1,0 +1,110 @@
+"""What an artifact folder holds: graphs, buckets, engines, validation, calibration, stages and the engine plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from uniref_deploy.runtime.manifest import Manifest
+
+VALIDATION_REPORT = "reports/export_validation.json"
+CALIBRATION_REPORTS = ("calibration/report.json", "reports/calibration.json")
+PLAN = "engines/plan.json"
+
+
+def _read_json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _axes(specs) -> list[dict]:
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+             "dynamic_axes": {str(k): v for k, v in s.dynamic_axes.items()}} for s in specs]
+
+
+def inspect_artifacts(art: str | Path) -> dict:
+    """A JSON-ready description of ``art``.
+
+    Raises:
+        ManifestError: no readable manifest.
+    """
+    art = Path(art)
+    m = Manifest.load(art)
+    graphs = []
+    for g in m.graphs:
+        files = [g.file] + ([g.external_data] if g.external_data else [])
+        size = sum((art / f).stat().st_size for f in files if (art / f).is_file())
+        graphs.append({"name": g.name, "precision": g.precision, "file": g.file, "external_data": g.external_data,
+                       "bytes": size, "present": (art / g.file).is_file(), "sha256": g.sha256,
+                       "inputs": _axes(g.inputs), "outputs": _axes(g.outputs), "info": g.info})
+    buckets = [{"side": int(round(b ** 0.5)), "pixels": b, "max_image_tokens": 2 * b // 256} for b in m.budgets]
+    engines = [{"graph": e.graph, "budget": e.budget, "precision": e.precision, "file": e.file,
+                "present": (art / e.file).is_file(), "provenance": e.provenance} for e in m.engines]
+    calibration = next((c for c in (_read_json(art / p) for p in CALIBRATION_REPORTS) if c is not None), None)
+    return {
+        "artifacts": str(art), "schema_version": m.schema_version, "family": m.model.family,
+        "text_encoder_dir": m.model.text_encoder_dir, "graphs": graphs, "buckets": buckets, "engines": engines,
+        "validation": _read_json(art / VALIDATION_REPORT),
+        "calibration": calibration if calibration is not None else (m.stage("calibrate").results
+                                                                     if m.stage("calibrate") else None),
+        "stages": [{"stage": s.stage, "seconds": s.seconds, "settings": s.settings, "results": s.results,
+                    "tool_versions": s.tool_versions} for s in m.stages],
+        "engine_plan": _read_json(art / PLAN),
+    }
+
+
+def _shape(spec: dict) -> str:
+    return f"{spec['name']}:{spec['dtype']}[{','.join(map(str, spec['shape']))}]"
+
+
+def _short(value, width: int = 90) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_text(info: dict) -> str:
+    """A human-readable summary of ``inspect_artifacts``."""
+    lines = [f"artifacts: {info['artifacts']} (schema {info['schema_version']}, family {info['family']})",
+             f"text encoder: {info['text_encoder_dir']}", "", "graphs:"]
+    for g in info["graphs"]:
+        state = "" if g["present"] else "  MISSING"
+        lines.append(f"  {g['name']:<12} {g['precision']:<5} {g['file']:<28} {g['bytes'] / 2**20:8.1f} MiB{state}")
+        lines.append(f"      in : {', '.join(_shape(s) for s in g['inputs'])}")
+        lines.append(f"      out: {', '.join(_shape(s) for s in g['outputs'])}")
+        if g["info"]:
+            lines.append(f"      info: {_short(g['info'], 110)}")
+    lines += ["", "buckets:"] + [f"  {b['side']}^2 = {b['pixels']} px, <= {b['max_image_tokens']} image tokens"
+                                 for b in info["buckets"]]
+    lines += ["", "engines:" + ("" if info["engines"] else " none built")]
+    for e in info["engines"]:
+        lines.append(f"  {e['graph']:<12} b{e['budget']} {e['precision']:<5} {e['file']} "
+                     f"{'' if e['present'] else 'MISSING '}{_short(e['provenance'], 70)}")
+    val = info["validation"]
+    lines += ["", "validation: " + ("none" if val is None else "")]
+    if isinstance(val, dict):
+        for k, v in val.items():
+            lines.append(f"  {k}: {_short(v, 100)}")
+    elif isinstance(val, list):
+        for v in val:
+            if isinstance(v, dict):
+                state = "ok" if v.get("passed") else "FAIL"
+                lines.append(f"  {v.get('graph', '?'):<12} {v.get('precision', ''):<5} {v.get('sample', ''):<34} "
+                             f"{v.get('metric', 'rel_max')}={v.get(v.get('metric', 'rel_max'), float('nan')):.2e} "
+                             f"cos={v.get('cosine', float('nan')):.6f} tol={v.get('tolerance', '')} {state}")
+            else:
+                lines.append(f"  {_short(v, 110)}")
+    lines += ["", "calibration: " + ("none" if info["calibration"] is None else _short(info["calibration"], 100))]
+    lines += ["", "stages:"] + [f"  {s['stage']:<10} {s['seconds']:7.1f} s  {_short(s['results'], 80)}"
+                                for s in info["stages"]]
+    plan = info["engine_plan"]
+    if plan is None:
+        lines += ["", "engine plan: none (engines/plan.json absent)"]
+    else:
+        items = plan.get("engines", plan.get("items", [])) if isinstance(plan, dict) else plan
+        lines += ["", f"engine plan: {len(items)} engine(s) planned"]
+        for it in items[:20]:
+            lines.append(f"  {_short({k: it[k] for k in it if k in ('graph', 'budget', 'precision', 'file')}, 100)}"
+                         if isinstance(it, dict) else f"  {_short(it)}")
+    return "\n".join(lines)
