@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from uniref_deploy.runtime import latents as lat
 from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.errors import CalibrationError, InputError

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.compare import compare
 from uniref_deploy.runtime.errors import CalibrationError

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
+
 from uniref_deploy.runtime._lazy import require
 from uniref_deploy.runtime.errors import CalibrationError
 

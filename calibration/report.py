@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from uniref_deploy.runtime import latents as lat
 from uniref_deploy.runtime.backends.base import Backend
 from uniref_deploy.runtime.compare import compare, psnr

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from uniref_deploy.runtime.errors import ExportError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 import torch
+
 from uniref_deploy.runtime.errors import ExportError
 from uniref_deploy.runtime.manifest import TensorSpec
 

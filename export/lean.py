@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from uniref_deploy.runtime.errors import ExportError
 from uniref_deploy.runtime.graphs import dit_io
 from uniref_deploy.runtime.manifest import ModelConfig

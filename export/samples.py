@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from uniref_deploy.runtime.manifest import ModelConfig
 from uniref_deploy.runtime.packing import PackedLayout, budget_pixels, pack_references
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig, modulation_index

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from uniref_deploy.runtime.compare import CompareResult, compare
 
 logger = logging.getLogger(__name__)

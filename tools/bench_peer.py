@@ -130,6 +130,7 @@ def time_dit_variant(path: Path, feeds: dict, reps: int = 3, optimization: str =
 def try_ort_fusions(art: Path, model_dir: Path, layout, s_txt: int, out: Path) -> dict:
     """Time one DiT step with ORT's default graph (level all) vs onnxruntime.transformers.optimizer output."""
     from onnxruntime.transformers import optimizer
+
     from uniref_deploy.runtime.manifest import Manifest
     from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 

@@ -11,9 +11,9 @@ import logging
 import sys
 
 import click
-from uniref_deploy.runtime.errors import UnirefError
 
 from uniref_deploy import __version__
+from uniref_deploy.runtime.errors import UnirefError
 
 # verb -> module under uniref_deploy.tools.commands; each exposes a click command named `command`
 COMMANDS = ("preset", "edit", "export", "build", "compile", "calibrate", "profile", "compare", "inspect")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from uniref_deploy.runtime import latents as lat
 from uniref_deploy.runtime.compare import CompareResult, compare, psnr
 from uniref_deploy.runtime.errors import InputError

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from uniref_deploy.runtime.errors import CheckFailed, InputError
 from uniref_deploy.runtime.manifest import Manifest, StageRecord
 from uniref_deploy.tools.model_source import PRESET_NAMES
@@ -128,6 +129,7 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
 def runtime_check(art: Path, model_dir: Path, budget: int, steps: int = 2) -> dict:
     """One small edit through ``Pipeline.from_artifacts(ort)`` and ``from_pretrained(torch)``; max abs diff."""
     from PIL import Image
+
     from uniref_deploy.runtime.pipeline import Pipeline
 
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.packing import BUDGETS, POLICIES
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from uniref_deploy.runtime.errors import InputError, MissingDependencyError
 from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.manifest import Manifest

@@ -10,6 +10,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("ml_dtypes")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
 from uniref_deploy.calibration.layers import attention_targets, find_layers, split_layers  # noqa: E402
 from uniref_deploy.calibration.passes import (  # noqa: E402
     PassOptions,

@@ -15,6 +15,7 @@ import shlex
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from uniref_deploy.engines.plan import (
     PLAN_FILE,
     BuildPlan,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from uniref_deploy.runtime.errors import BackendError
 from uniref_deploy.runtime.manifest import EngineSpec, Manifest, ModelConfig
 

@@ -13,6 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 import torch  # noqa: E402
+
 from uniref_deploy.export.lean import (  # noqa: E402
     SafetensorsEntry,
     checkpoint_index,

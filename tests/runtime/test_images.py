@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from uniref_deploy.runtime import images
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.images import (

@@ -21,6 +21,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from uniref_deploy.runtime.errors import PackingError
 from uniref_deploy.runtime.packing import (
     BUDGETS,

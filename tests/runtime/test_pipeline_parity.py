@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 from diffusers import QwenImageEditPlusPipeline  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus  # noqa: E402
 from PIL import Image  # noqa: E402
+
 from uniref_deploy.runtime import latents as lat  # noqa: E402
 from uniref_deploy.runtime.pipeline import Pipeline, cfg_combine  # noqa: E402
 

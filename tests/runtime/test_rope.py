@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.rope import (
     RopeCache,

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from uniref_deploy.runtime.scheduler import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     FlowMatchEulerConfig,

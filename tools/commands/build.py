@@ -7,6 +7,7 @@ import json
 import math
 
 import click
+
 from uniref_deploy.runtime.errors import InputError
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import click
+
 from uniref_deploy.tools.options import parse_budgets, parse_list
 
 PRECISIONS = ("fp16", "bf16", "fp8", "fp32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from uniref_deploy.tools.options import edit_options
 
 
@@ -20,6 +21,7 @@ def command(model, images, prompt, negative_prompt, budget, policy, steps, true_
             backend, precision, out_path) -> None:
     """Edit with MODEL (artifact folder, diffusers folder, or preset name `tiny`/`small`)."""
     from tqdm import tqdm
+
     from uniref_deploy.runtime.fileio import atomic_path
     from uniref_deploy.runtime.images import load_images
     from uniref_deploy.runtime.pipeline import Pipeline

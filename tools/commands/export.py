@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from uniref_deploy.tools.options import parse_budgets, parse_list
 
 
