@@ -90,10 +90,14 @@ class Pipeline:
         return cls(config, backends, text)
 
     @classmethod
-    def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32",
+    def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
                        **backend_options) -> Pipeline:
-        """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``."""
+        """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``.
+
+        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime and the fastest built
+        precision on TensorRT (fp16, bf16, fp8, then fp32).
+        """
         manifest = Manifest.load(art_dir)
         if backend == "auto":
             backend = _auto_backend(manifest)

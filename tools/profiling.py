@@ -146,7 +146,8 @@ def one_edit(pipe, budget: int, refs: int, opts: ProfileOptions, seed: int, back
     embeds = None
     if pipe.text_encoder is None:  # no text model: fixed random embeddings (text stage then ~0)
         embeds = np.random.default_rng(0).standard_normal((1, 32, pipe.config.text_hidden_size)).astype(np.float32)
-    pipe(None if embeds is not None else PROMPT, image=images, prompt_embeds=embeds, num_inference_steps=opts.steps,
+    prompt = f"{PROMPT} (variant {seed})"  # a new prompt every run: no text-embedding cache hits either
+    pipe(None if embeds is not None else prompt, image=images, prompt_embeds=embeds, num_inference_steps=opts.steps,
          budget=budget * budget, policy=opts.policy, width=opts.width, height=opts.height, seed=seed,
          output_type="np")
     t, layout = pipe.last_times, pipe.last_layout

@@ -119,8 +119,9 @@ class OrtBackendFactory:
 
     @staticmethod
     def create(config: ModelConfig, art_dir: str | os.PathLike, manifest: Manifest | None = None,
-               precision: str = "fp32", **options) -> dict[str, Backend]:
+               precision: str | None = None, **options) -> dict[str, Backend]:
         manifest = manifest or Manifest.load(art_dir)
+        precision = precision or "fp32"
         backends: dict[str, Backend] = {}
         for name in GRAPH_NAMES:
             p = precision

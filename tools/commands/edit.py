@@ -15,7 +15,7 @@ from uniref_deploy.tools.options import edit_options
 @edit_options
 @click.option("--backend", type=click.Choice(["auto", "torch", "ort", "trt"]), default="auto", show_default=True,
               help="Backend (torch for model folders; ort/trt for artifact folders).")
-@click.option("--precision", default="fp32", show_default=True, help="Graph precision for artifact folders.")
+@click.option("--precision", default=None, help="DiT precision for artifact folders (default: fp32 on ort, fastest built on trt).")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output PNG.")
 def command(model, images, prompt, negative_prompt, budget, policy, steps, true_cfg_scale, seed, width, height,
             backend, precision, out_path) -> None:
