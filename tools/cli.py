@@ -58,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code
+    except click.UsageError as err:
+        verb = err.ctx.command_path if err.ctx is not None else "uniref-deploy"
+        click.echo(f"error: {err.format_message()} Hint: see `{verb} --help`.", err=True)
+        return 2
     except click.ClickException as err:
-        err.show()
+        click.echo(f"error: {err.format_message()}", err=True)
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
