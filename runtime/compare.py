@@ -71,7 +71,3 @@ def psnr(actual: np.ndarray, expected: np.ndarray, peak: float = 1.0) -> float:
     mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(expected, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(peak**2 / mse)
 
-
-def tolerance_for(name: str, tolerances: dict[str, float], default_key: str = "default") -> float:
-    """Per-name tolerance with a default."""
-    return tolerances.get(name, tolerances[default_key])

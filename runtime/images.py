@@ -18,7 +18,6 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InputError
 
 MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs and absurd inputs early
-ImageLike = "str | os.PathLike | Image.Image | np.ndarray"
 
 
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:

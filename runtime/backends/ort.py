@@ -103,9 +103,6 @@ class OrtBackend(Backend):
             raise BackendError(f"ONNX Runtime failed on graph '{self.name}': {err}".splitlines()[0]) from err
         return dict(zip([s.name for s in self.outputs], binding.copy_outputs_to_cpu(), strict=True))
 
-    def profile_session(self):
-        """The underlying session (for ORT's profiler in tools/profile)."""
-        return self.session
 
     def end_profiling(self) -> str | None:
         """Stop ONNX Runtime's profiler; returns its JSON trace path (None when profiling is off or inactive)."""
