@@ -103,7 +103,6 @@ class OrtBackend(Backend):
             raise BackendError(f"ONNX Runtime failed on graph '{self.name}': {err}".splitlines()[0]) from err
         return dict(zip([s.name for s in self.outputs], binding.copy_outputs_to_cpu(), strict=True))
 
-
     def end_profiling(self) -> str | None:
         """Stop ONNX Runtime's profiler; returns its JSON trace path (None when profiling is off or inactive)."""
         if self.session is None or not self.profile_prefix:
