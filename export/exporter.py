@@ -28,6 +28,7 @@ from uniref_deploy.runtime.packing import budget_pixels
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
+from .ort_fusions import ORT_VARIANT, contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
 from .samples import dit_sample, vae_decoder_samples, vae_encoder_samples, validation_layouts
@@ -50,6 +51,8 @@ class ExportOptions:
     validation_target_area: target pixel cap for validation layouts above 1024² (memory bound, see samples.py).
     fp16_safety: layers whose measured |activation| exceeds 65504 / fp16_safety stay fp32 in the fp16 graph.
     force: export even if the inputs are unchanged.
+    ort_fusions: also write ``onnx/dit.ort.onnx``, the fp32 DiT with ONNX Runtime contrib-op fusions (validated
+        like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).
     """
 
     budgets: tuple[int, ...] = (1024,)
@@ -59,6 +62,7 @@ class ExportOptions:
     validation_target_area: int = 512 * 512
     fp16_safety: float = FP16_SAFETY
     force: bool = False
+    ort_fusions: bool = True
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
@@ -197,13 +201,22 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
                                       "engine": graph_rows[0].engine,
                                       "passed": all(bool(r.result) for r in graph_rows)}
             manifest = manifest.with_graph(_graph_spec(art, name, precision, rel, inputs, outputs, info))
+            if name == DIT and precision == "fp32":
+                manifest = manifest.without_graph(f"{DIT}.fp32.{ORT_VARIANT}")
+                for stale in (art / ort_file(rel), art / (ort_file(rel) + ".data")):
+                    stale.unlink(missing_ok=True)
+                if options.ort_fusions:
+                    spec, ort_rows = _ort_variant(art, rel, inputs, outputs, reference, val_samples, options, say,
+                                                    int(config.transformer["num_attention_heads"]))
+                    rows.extend(ort_rows)
+                    manifest = manifest.with_graph(spec) if spec else manifest
 
     reports = art / "reports"
     atomic_write_text(reports / "trt_lint.json", json.dumps(lint, indent=2))
     if rows:
         atomic_write_text(reports / "export_validation.json", json.dumps([r.to_dict() for r in rows], indent=2))
         say("export validation (ONNX Runtime CPU vs torch fp32):\n" + format_table(rows))
-    failed = [r for r in rows if r.precision == "fp32" and not r.result]
+    failed = [r for r in rows if r.precision == "fp32" and not r.result and r.graph != f"{DIT}.{ORT_VARIANT}"]
     manifest = manifest.with_budgets(tuple(budget_pixels(b) for b in options.budgets)).with_stage(StageRecord(
         stage="export", inputs_sha256=inputs_hash if not failed else "failed", settings=settings,
         seconds=round(time.perf_counter() - t_start, 2), tool_versions=versions,
@@ -219,6 +232,36 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
             f"see {reports / 'export_validation.json'}.",
         )
     return manifest
+
+
+def _ort_variant(art: Path, rel: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+                 reference: torch.nn.Module, samples: list, options: ExportOptions, say: Progress,
+                 num_heads: int) -> tuple[GraphSpec | None, list[ValidationRow]]:
+    """Fuse the portable fp32 DiT for ONNX Runtime and validate it; (None, rows) when it misses the tolerance."""
+    fused = ort_file(rel)
+    say(f"export: {DIT} fp32 -> {fused} (ONNX Runtime fusions)")
+    t0 = time.perf_counter()
+    counts = fuse_for_ort(art / rel, art / fused, [*inputs, *outputs], num_heads)
+    info = {"fusions": counts, "contrib_ops": contrib_ops(art / fused), "source": rel,
+            "export_seconds": round(time.perf_counter() - t0, 2)}
+    say(f"export: fused {', '.join(f'{k} x{v}' for k, v in counts.items()) or 'nothing'}")
+    rows: list[ValidationRow] = []
+    if options.validate:
+        say(f"export: validating {DIT} fp32 ({ORT_VARIANT}) on {len(samples)} input(s)")
+        rows = [dataclasses.replace(r, graph=f"{DIT}.{ORT_VARIANT}")
+                for r in validate_graph(DIT, "fp32", art / fused, reference, samples, [s.name for s in inputs])]
+        passed = all(bool(r.result) for r in rows)
+        info["validation"] = {"max_rel": max(r.result.rel_max for r in rows),
+                              "min_cosine": min(r.result.cosine for r in rows), "engine": rows[0].engine,
+                              "passed": passed}
+        if not passed:
+            logger.warning("the ONNX Runtime-fused DiT misses the fp32 tolerance; the runtime uses the portable graph")
+            say("export: WARNING the ORT-fused DiT failed validation; not recorded (the portable graph is used)")
+            for f in (art / fused, art / (fused + ".data")):
+                f.unlink(missing_ok=True)
+            return None, rows
+    spec = _graph_spec(art, DIT, "fp32", fused, inputs, outputs, info)
+    return dataclasses.replace(spec, variant=ORT_VARIANT), rows
 
 
 def _is_inside(path: Path, root: Path) -> bool:

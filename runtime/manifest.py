@@ -45,7 +45,11 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One exported graph (``dit``, ``vae_encoder``, ``vae_decoder``) at one precision."""
+    """One exported graph (``dit``, ``vae_encoder``, ``vae_decoder``) at one precision.
+
+    ``variant`` is "" for the portable graph (plain ONNX ops: TensorRT and every runtime) or "ort" for a copy
+    rewritten with ONNX Runtime contrib-op fusions (``export/ort_fusions.py``), which only ONNX Runtime loads.
+    """
 
     name: str
     precision: str
@@ -55,10 +59,11 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     external_data: str | None = None
     info: dict = field(default_factory=dict)
+    variant: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.name}.{self.precision}"
+        return f"{self.name}.{self.precision}" + (f".{self.variant}" if self.variant else "")
 
     @classmethod
     def from_dict(cls, d: dict) -> GraphSpec:
@@ -71,6 +76,7 @@ class GraphSpec:
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             external_data=d.get("external_data"),
             info=dict(d.get("info", {})),
+            variant=d.get("variant", ""),
         )
 
 
@@ -185,9 +191,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     # ---- lookups -------------------------------------------------------------------------------------------
-    def graph(self, name: str, precision: str = "fp32") -> GraphSpec:
+    def graph(self, name: str, precision: str = "fp32", variant: str = "") -> GraphSpec:
         for g in self.graphs:
-            if g.name == name and g.precision == precision:
+            if g.name == name and g.precision == precision and g.variant == variant:
                 return g
         have = sorted(g.key for g in self.graphs) or ["none"]
         raise ManifestError(
@@ -195,8 +201,8 @@ class Manifest:
             f"re-run `uniref-deploy export` with --dtypes including {precision}, or pick another precision.",
         )
 
-    def has_graph(self, name: str, precision: str) -> bool:
-        return any(g.name == name and g.precision == precision for g in self.graphs)
+    def has_graph(self, name: str, precision: str, variant: str = "") -> bool:
+        return any(g.name == name and g.precision == precision and g.variant == variant for g in self.graphs)
 
     def stage(self, name: str) -> StageRecord | None:
         return next((s for s in self.stages if s.stage == name), None)
@@ -205,6 +211,10 @@ class Manifest:
     def with_graph(self, graph: GraphSpec) -> Manifest:
         kept = tuple(g for g in self.graphs if g.key != graph.key)
         return dataclasses.replace(self, graphs=(*kept, graph))
+
+    def without_graph(self, key: str) -> Manifest:
+        """The manifest without the graph whose ``key`` is given (unchanged when absent)."""
+        return dataclasses.replace(self, graphs=tuple(g for g in self.graphs if g.key != key))
 
     def with_engine(self, engine: EngineSpec) -> Manifest:
         kept = tuple(e for e in self.engines if e.file != engine.file)

@@ -18,6 +18,8 @@ from ..graphs import GRAPH_NAMES, VAE_DECODER, VAE_ENCODER
 from ..manifest import GraphSpec, Manifest, ModelConfig
 from .base import Backend
 
+ORT_VARIANT = "ort"  # the manifest variant written by export/ort_fusions.py
+
 
 def _ort():
     return require("onnxruntime", extra="onnx")
@@ -111,11 +113,15 @@ class OrtBackend(Backend):
 
 
 class OrtBackendFactory:
-    """Builds the three ORT backends from an artifact folder; VAE graphs fall back to fp32 if absent."""
+    """Builds the three ORT backends from an artifact folder; VAE graphs fall back to fp32 if absent.
+
+    ``fused`` (default True) picks a graph's ``ort`` variant (ONNX Runtime contrib-op fusions, see
+    ``export/ort_fusions.py``) when the manifest has one; False always runs the portable graph.
+    """
 
     @staticmethod
     def create(config: ModelConfig, art_dir: str | os.PathLike, manifest: Manifest | None = None,
-               precision: str | None = None, **options) -> dict[str, Backend]:
+               precision: str | None = None, fused: bool = True, **options) -> dict[str, Backend]:
         manifest = manifest or Manifest.load(art_dir)
         precision = precision or "fp32"
         backends: dict[str, Backend] = {}
@@ -123,5 +129,6 @@ class OrtBackendFactory:
             p = precision
             if name in (VAE_ENCODER, VAE_DECODER) and not manifest.has_graph(name, precision):
                 p = "fp32"
-            backends[name] = OrtBackend(manifest.graph(name, p), art_dir, **options)
+            variant = ORT_VARIANT if fused and manifest.has_graph(name, p, ORT_VARIANT) else ""
+            backends[name] = OrtBackend(manifest.graph(name, p, variant), art_dir, **options)
         return backends

@@ -54,13 +54,18 @@ def _dit_feeds(config, layout, txt, batch=1, pad=0, seed=0):
     return dit_sample(config, layout, txt, pad=pad, batch=batch, seed=seed).feeds
 
 
-def test_dit_graph_runs_at_two_lengths_and_matches_torch(tiny_artifacts: Path, tiny_model_dir: Path) -> None:
+DIT_FILES = ("onnx/dit.onnx", "onnx/dit.ort.onnx")  # the portable graph and its ONNX Runtime-fused variant
+
+
+@pytest.mark.parametrize("graph", DIT_FILES)
+def test_dit_graph_runs_at_two_lengths_and_matches_torch(tiny_artifacts: Path, tiny_model_dir: Path,
+                                                         graph: str) -> None:
     import diffusers
 
     from uniref_deploy.export.qwen_image import QwenImageDitForExport
 
     manifest = Manifest.load(tiny_artifacts)
-    sess = ort.InferenceSession(str(tiny_artifacts / "onnx/dit.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tiny_artifacts / graph), providers=["CPUExecutionProvider"])
     tr = diffusers.QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer").eval()
     ref = QwenImageDitForExport(tr).eval()
     names = [i.name for i in sess.get_inputs()]
@@ -77,10 +82,11 @@ def test_dit_graph_runs_at_two_lengths_and_matches_torch(tiny_artifacts: Path, t
     assert len(lengths) == 2
 
 
-def test_batched_cfg_equals_two_calls(tiny_artifacts: Path) -> None:
+@pytest.mark.parametrize("graph", DIT_FILES)
+def test_batched_cfg_equals_two_calls(tiny_artifacts: Path, graph: str) -> None:
     """cond + uncond in one batch (text padded and masked) equals two separate calls: batched CFG is safe."""
     manifest = Manifest.load(tiny_artifacts)
-    sess = ort.InferenceSession(str(tiny_artifacts / "onnx/dit.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tiny_artifacts / graph), providers=["CPUExecutionProvider"])
     layout = pack_references([(96, 64)], 128 * 128, policy="per-image", width=64, height=64)
     cond = _dit_feeds(manifest.model, layout, 12, seed=1)
     uncond = _dit_feeds(manifest.model, layout, 7, seed=2)
@@ -97,6 +103,27 @@ def test_batched_cfg_equals_two_calls(tiny_artifacts: Path) -> None:
     out = sess.run(None, batched)[0]
     np.testing.assert_allclose(out[0], separate[0][0], atol=1e-5)
     np.testing.assert_allclose(out[1], separate[1][0], atol=1e-5)
+
+
+def test_ort_fused_variant_is_recorded_and_preferred(tiny_artifacts: Path) -> None:
+    """dit.fp32.ort: fusions that fired, contrib ops, validation; the ORT backends pick it unless fused=False."""
+    from uniref_deploy.runtime.backends.ort import OrtBackendFactory
+
+    manifest = Manifest.load(tiny_artifacts)
+    fused = manifest.graph("dit", "fp32", "ort")
+    assert fused.file == "onnx/dit.ort.onnx" and fused.key == "dit.fp32.ort"
+    assert fused.info["source"] == "onnx/dit.onnx" and fused.info["validation"]["passed"]
+    assert {"rms_normalization", "sdpa_via_mha", "gelu"} <= set(fused.info["fusions"])
+    assert {"MultiHeadAttention", "FastGelu"} <= set(fused.info["contrib_ops"])
+    portable = onnx.load(str(tiny_artifacts / "onnx/dit.onnx"), load_external_data=False)
+    assert all(onnx.defs.has(n.op_type, n.domain or "") for n in portable.graph.node)  # TensorRT's graph: plain ONNX
+    lint = json.loads((tiny_artifacts / "reports/trt_lint.json").read_text())
+    assert "dit.fp32" in lint and not any(k.endswith(".ort") for k in lint)
+    rows = json.loads((tiny_artifacts / "reports/export_validation.json").read_text())
+    assert sum(r["graph"] == "dit.ort" for r in rows) == sum(r["graph"] == "dit" and r["precision"] == "fp32" for r in rows)
+    chosen = OrtBackendFactory.create(manifest.model, tiny_artifacts, manifest)
+    assert chosen["dit"].graph.variant == "ort" and chosen["vae_decoder"].graph.variant == ""
+    assert OrtBackendFactory.create(manifest.model, tiny_artifacts, manifest, fused=False)["dit"].graph.variant == ""
 
 
 def test_vae_graphs_run_at_two_sizes(tiny_artifacts: Path) -> None:
@@ -128,13 +155,15 @@ def test_damaged_graph_is_refused_with_one_line(copy_artifacts, tmp_path: Path) 
     from uniref_deploy.tools.cli import main
 
     art = copy_artifacts()
-    dit = art / "onnx" / "dit.onnx"
-    data = bytearray(dit.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    dit.write_bytes(bytes(data))
-    pipe = Pipeline.from_artifacts(art, backend="ort", load_text_encoder=False)
-    with pytest.raises(ManifestError, match="sha256"):
-        pipe(prompt_embeds=np.zeros((1, 4, 32), np.float32), width=64, height=64, num_inference_steps=1)
+    for name in DIT_FILES:
+        dit = art / name
+        data = bytearray(dit.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        dit.write_bytes(bytes(data))
+    for fused in (True, False):  # the ORT-fused graph (default) and the portable one
+        pipe = Pipeline.from_artifacts(art, backend="ort", load_text_encoder=False, fused=fused)
+        with pytest.raises(ManifestError, match="sha256"):
+            pipe(prompt_embeds=np.zeros((1, 4, 32), np.float32), width=64, height=64, num_inference_steps=1)
     out = tmp_path / "out.png"
     rc = main(["edit", str(art), "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1", "-o", str(out)])
     assert rc == 2 and not out.exists()

@@ -15,13 +15,17 @@ from uniref_deploy.tools.options import parse_budgets, parse_list
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 17).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch validation.")
 @click.option("--force", is_flag=True, help="Re-export even when the inputs are unchanged.")
-def command(model: str, art_dir: str, budgets: str, dtypes: str, opset: int, no_validate: bool, force: bool) -> None:
+@click.option("--ort-fusions/--no-ort-fusions", default=True, show_default=True,
+              help="Also write onnx/dit.ort.onnx: the fp32 DiT with ONNX Runtime fusions (MHA, RMSNorm, GELU).")
+def command(model: str, art_dir: str, budgets: str, dtypes: str, opset: int, no_validate: bool, force: bool,
+            ort_fusions: bool) -> None:
     """Export MODEL (diffusers folder or preset name) to ONNX under ART, validated against torch."""
     from uniref_deploy.export.exporter import PRECISIONS, ExportOptions, export_onnx
     from uniref_deploy.tools.model_source import resolve_model
 
     options = ExportOptions(budgets=parse_budgets(budgets), dtypes=parse_list(dtypes, PRECISIONS, "--dtypes"),
-                            opset=opset, validate=not no_validate, force=force)
+                            opset=opset, validate=not no_validate, force=force,
+                            ort_fusions=ort_fusions)
     kind, path = resolve_model(model)
     if kind != "diffusers":
         from uniref_deploy.runtime.errors import InputError
