@@ -206,7 +206,7 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Drop nodes none of whose outputs reach a graph output."""
+    """Drop nodes none of whose outputs reach a graph output, then the initializers nothing reads any more."""
     live = {o.name for o in graph.output}
     kept = []
     for n in reversed(graph.node):
@@ -215,7 +215,10 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
             live.update(n.input)
     kept = [_copy(n) for n in reversed(kept)]
     del graph.node[:]
-    graph.node.extend(kept)  # initializers left unused are tiny shape constants; ONNX Runtime drops them
+    graph.node.extend(kept)
+    for i in reversed(range(len(graph.initializer))):  # by index: no copy of the (large) live weights
+        if graph.initializer[i].name not in live:
+            del graph.initializer[i]
 
 
 def contrib_ops(path: str | os.PathLike) -> list[str]:

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         report["dit_graphs"] = time_dit_graphs(art, layout, s_txt)
     (out / "bench_peer.json").write_text(json.dumps(report, indent=2) + "\n")
     plots.bar_chart(out / "bench_peer.png", ["uniref (ORT)", "diffusers (torch)"], [med_ours, med_theirs],
-                    "median end-to-end s", f"{args.model}: {layout.num_image_tokens} img tokens, {args.steps} steps, "
+                    "median end-to-end s", f"{Path(args.model).name}: {layout.num_image_tokens} img tokens, {args.steps} steps, "
                     f"ratio {med_ours / med_theirs:.2f}")
     rows = [("median end-to-end, uniref ORT", f"{med_ours:.2f} s"),
             ("median end-to-end, diffusers torch fp32", f"{med_theirs:.2f} s"),

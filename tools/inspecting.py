@@ -36,7 +36,8 @@ def inspect_artifacts(art: str | Path) -> dict:
     for g in m.graphs:
         files = [g.file] + ([g.external_data] if g.external_data else [])
         size = sum((art / f).stat().st_size for f in files if (art / f).is_file())
-        graphs.append({"name": g.name, "precision": g.precision, "file": g.file, "external_data": g.external_data,
+        graphs.append({"name": g.name, "precision": g.precision, "variant": g.variant or "portable", "file": g.file,
+                       "external_data": g.external_data,
                        "bytes": size, "present": (art / g.file).is_file(), "sha256": g.sha256,
                        "inputs": _axes(g.inputs), "outputs": _axes(g.outputs), "info": g.info})
     buckets = [{"side": int(round(b ** 0.5)), "pixels": b, "max_image_tokens": 2 * b // 256} for b in m.budgets]
@@ -70,7 +71,8 @@ def format_text(info: dict) -> str:
              f"text encoder: {info['text_encoder_dir']}", "", "graphs:"]
     for g in info["graphs"]:
         state = "" if g["present"] else "  MISSING"
-        lines.append(f"  {g['name']:<12} {g['precision']:<5} {g['file']:<28} {g['bytes'] / 2**20:8.1f} MiB{state}")
+        lines.append(f"  {g['name']:<12} {g['precision']:<5} {g['variant']:<8} {g['file']:<28} "
+                     f"{g['bytes'] / 2**20:8.1f} MiB{state}")
         lines.append(f"      in : {', '.join(_shape(s) for s in g['inputs'])}")
         lines.append(f"      out: {', '.join(_shape(s) for s in g['outputs'])}")
         if g["info"]:
