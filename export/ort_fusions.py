@@ -10,6 +10,12 @@ the exporter's decompositions back into single kernels:
     Reshape/Slice/Squeeze/Mul/Sub/Add/Unsqueeze/Concat (our RoPE) ->  RotaryEmbedding (interleaved), by
                                                                      ``InterleavedRopeFusion`` below
 
+and finally ``UnmaskedAttention`` detaches the text-padding bias from every MultiHeadAttention: with no bias, ONNX
+Runtime's CPU kernel takes its flash-attention path (no S×S score tensor; 0.22 s vs 0.33 s for one 3470-token
+attention here). The fused graph therefore ignores ``encoder_hidden_states_mask`` and is only valid for unpadded
+text (what the runtime feeds: it trims trailing padding and runs CFG as two calls); ``OrtBackend`` refuses a padded
+mask on it.
+
 The result is written next to the portable graph as ``<stem>.ort.onnx`` and recorded in the manifest as the
 ``ort`` variant of the same graph; ONNX Runtime backends prefer it, TensorRT never sees it.
 """
@@ -43,11 +49,12 @@ def ort_file(portable_file: str) -> str:
 
 
 def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, specs: Sequence[TensorSpec],
-                 num_heads: int | None = None) -> dict[str, int]:
+                 num_heads: int | None = None, drop_text_mask: bool = True) -> dict[str, int]:
     """Write the ORT-fused copy of graph ``src`` to ``dst`` (+ ``dst.data`` when over 2 GB); returns fusion counts.
 
     Only fusions that fired are returned (e.g. ``{"rms_normalization": 49, "sdpa_via_mha": 12, "gelu": 23,
-    "interleaved_rope": 48}``); the RoPE fusion runs when ``num_heads`` (attention heads of the DiT) is given.
+    "interleaved_rope": 48, "unmasked_attention": 12}``); the RoPE fusion runs when ``num_heads`` (attention heads
+    of the DiT) is given, ``UnmaskedAttention`` when ``drop_text_mask``.
 
     Raises:
         ExportError: the rewrite failed (the portable graph is untouched either way).
@@ -72,6 +79,8 @@ def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, specs: Sequence
         proto = onnx.load(str(tmp), load_external_data=False)
         if num_heads:
             counts["interleaved_rope"] = InterleavedRopeFusion(num_heads).apply(proto)
+        if drop_text_mask:
+            counts["unmasked_attention"] = UnmaskedAttention().apply(proto)
         name_dynamic_axes(proto, specs)
         onnx.save_model(proto, str(tmp))  # no onnx.checker: it knows no contrib op; validation runs it in ORT
         for f in tmp_dir.iterdir():  # data file first, then the graph
@@ -166,6 +175,28 @@ class InterleavedRopeFusion:
         if pairs is None or pairs.op_type != "Reshape" or cos is None or sin is None:
             return None
         return pairs.input[0], cos, sin, users[0]
+
+
+class UnmaskedAttention:
+    """Detach the ``attention_bias`` (input 5) of every ``com.microsoft.MultiHeadAttention``; dead nodes go too.
+
+    Only for graphs fed unpadded text: the bias is all zeros then, and without it ONNX Runtime's CPU kernel runs
+    flash attention instead of materialising [B, H, S, S] scores.
+    """
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        """Rewrite ``model`` in place; returns the number of attention nodes changed."""
+        changed = 0
+        for node in model.graph.node:
+            if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" and len(node.input) > 5 \
+                    and node.input[5]:
+                node.input[5] = ""
+                while node.input and not node.input[-1]:
+                    del node.input[-1]
+                changed += 1
+        if changed:
+            _remove_dead_nodes(model.graph)
+        return changed
 
 
 def _attr(node, name: str):

@@ -49,6 +49,19 @@ class StageTimes:
     total: float = 0.0
 
 
+def trim_text_padding(embeds: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop trailing masked text tokens [1, L, D] / [1, L]: the DiT's output is the same without them.
+
+    Masked keys get no attention weight, so those tokens never reach an image token, and text RoPE positions
+    count from the start, so the kept tokens keep theirs. Masked tokens inside the prompt are kept.
+    """
+    kept = np.flatnonzero(mask[0])
+    if kept.size == 0:
+        raise InputError("The prompt embedding mask masks every token.", "pass a mask with at least one True.")
+    end = int(kept[-1]) + 1
+    return embeds[:, :end], mask[:, :end]
+
+
 class Pipeline:
     """Multi-reference image edit over interchangeable backends.
 
@@ -240,7 +253,7 @@ class Pipeline:
                     "No text encoder is available for this model.",
                     "pass prompt_embeds (and negative_prompt_embeds), or use a model folder with text_encoder/.",
                 )
-            return self.text_encoder.encode(prompt, images)
+            return trim_text_padding(*self.text_encoder.encode(prompt, images))
         embeds = np.asarray(embeds, dtype=np.float32)
         if embeds.ndim == 2:
             embeds = embeds[None]
@@ -251,7 +264,7 @@ class Pipeline:
             raise InputError(f"prompt_embeds have {embeds.shape[1]} tokens, over the limit of {MAX_TEXT_TOKENS}.",
                              "shorten the prompt.")
         mask = np.ones(embeds.shape[:2], dtype=bool) if mask is None else np.asarray(mask).astype(bool).reshape(embeds.shape[:2])
-        return embeds, mask
+        return trim_text_padding(embeds, mask)
 
     def _encode_reference(self, img: Image.Image, width: int, height: int) -> np.ndarray:
         key = hashlib.sha256(img.tobytes() + f"{img.size}->{width}x{height}".encode()).hexdigest()

@@ -19,6 +19,7 @@ from ..manifest import GraphSpec, Manifest, ModelConfig
 from .base import Backend
 
 ORT_VARIANT = "ort"  # the manifest variant written by export/ort_fusions.py
+TEXT_MASK = "encoder_hidden_states_mask"
 
 
 def _ort():
@@ -92,6 +93,11 @@ class OrtBackend(Backend):
         self._binding = None
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.graph.info.get("ignores_text_mask") and not np.all(feeds.get(TEXT_MASK, True)):
+            raise BackendError(
+                f"Graph '{self.graph.file}' runs attention without the text mask, but this call pads the text.",
+                "trim the padding (the Pipeline does) or load the portable graph with fused=False.",
+            )
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()

@@ -82,11 +82,10 @@ def test_dit_graph_runs_at_two_lengths_and_matches_torch(tiny_artifacts: Path, t
     assert len(lengths) == 2
 
 
-@pytest.mark.parametrize("graph", DIT_FILES)
-def test_batched_cfg_equals_two_calls(tiny_artifacts: Path, graph: str) -> None:
+def test_batched_cfg_equals_two_calls(tiny_artifacts: Path) -> None:
     """cond + uncond in one batch (text padded and masked) equals two separate calls: batched CFG is safe."""
     manifest = Manifest.load(tiny_artifacts)
-    sess = ort.InferenceSession(str(tiny_artifacts / graph), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tiny_artifacts / "onnx/dit.onnx"), providers=["CPUExecutionProvider"])
     layout = pack_references([(96, 64)], 128 * 128, policy="per-image", width=64, height=64)
     cond = _dit_feeds(manifest.model, layout, 12, seed=1)
     uncond = _dit_feeds(manifest.model, layout, 7, seed=2)
@@ -105,6 +104,33 @@ def test_batched_cfg_equals_two_calls(tiny_artifacts: Path, graph: str) -> None:
     np.testing.assert_allclose(out[1], separate[1][0], atol=1e-5)
 
 
+def test_trailing_text_padding_changes_nothing(tiny_artifacts: Path) -> None:
+    """What trim_text_padding relies on: padded + masked text gives the output of the trimmed text."""
+    from uniref_deploy.runtime.pipeline import trim_text_padding
+
+    manifest = Manifest.load(tiny_artifacts)
+    sess = ort.InferenceSession(str(tiny_artifacts / "onnx/dit.onnx"), providers=["CPUExecutionProvider"])
+    layout = pack_references([(96, 64)], 128 * 128, policy="per-image", width=64, height=64)
+    padded = _dit_feeds(manifest.model, layout, 12, pad=4, seed=5)
+    embeds, mask = trim_text_padding(padded["encoder_hidden_states"], padded["encoder_hidden_states_mask"])
+    assert embeds.shape[1] == 8 and mask.all()
+    trimmed = dict(padded, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                   txt_cos=padded["txt_cos"][:8], txt_sin=padded["txt_sin"][:8])
+    np.testing.assert_allclose(sess.run(None, trimmed)[0], sess.run(None, padded)[0], rtol=0, atol=1e-5)
+
+
+def test_fused_graph_refuses_padded_text(tiny_artifacts: Path) -> None:
+    from uniref_deploy.runtime.backends.ort import OrtBackend
+    from uniref_deploy.runtime.errors import BackendError
+
+    manifest = Manifest.load(tiny_artifacts)
+    layout = pack_references([(96, 64)], 128 * 128, policy="per-image", width=64, height=64)
+    with OrtBackend(manifest.graph("dit", "fp32", "ort"), tiny_artifacts) as dit:
+        assert dit.infer(_dit_feeds(manifest.model, layout, 9))["velocity"].shape == (1, layout.num_image_tokens, 16)
+        with pytest.raises(BackendError, match="without the text mask"):
+            dit.infer(_dit_feeds(manifest.model, layout, 9, pad=2))
+
+
 def test_ort_fused_variant_is_recorded_and_preferred(tiny_artifacts: Path) -> None:
     """dit.fp32.ort: fusions that fired, contrib ops, validation; the ORT backends pick it unless fused=False."""
     from uniref_deploy.runtime.backends.ort import OrtBackendFactory
@@ -113,14 +139,19 @@ def test_ort_fused_variant_is_recorded_and_preferred(tiny_artifacts: Path) -> No
     fused = manifest.graph("dit", "fp32", "ort")
     assert fused.file == "onnx/dit.ort.onnx" and fused.key == "dit.fp32.ort"
     assert fused.info["source"] == "onnx/dit.onnx" and fused.info["validation"]["passed"]
-    assert {"rms_normalization", "sdpa_via_mha", "gelu"} <= set(fused.info["fusions"])
+    assert {"rms_normalization", "sdpa_via_mha", "gelu", "unmasked_attention"} <= set(fused.info["fusions"])
+    assert fused.info["ignores_text_mask"] is True
     assert {"MultiHeadAttention", "FastGelu"} <= set(fused.info["contrib_ops"])
     portable = onnx.load(str(tiny_artifacts / "onnx/dit.onnx"), load_external_data=False)
     assert all(onnx.defs.has(n.op_type, n.domain or "") for n in portable.graph.node)  # TensorRT's graph: plain ONNX
     lint = json.loads((tiny_artifacts / "reports/trt_lint.json").read_text())
     assert "dit.fp32" in lint and not any(k.endswith(".ort") for k in lint)
     rows = json.loads((tiny_artifacts / "reports/export_validation.json").read_text())
-    assert sum(r["graph"] == "dit.ort" for r in rows) == sum(r["graph"] == "dit" and r["precision"] == "fp32" for r in rows)
+    from uniref_deploy.export.samples import LAYOUT_CASES
+
+    padded = tuple(f"txt={txt}" for _, txt, pad in LAYOUT_CASES if pad)
+    unpadded = [r for r in rows if r["graph"] == "dit" and r["precision"] == "fp32" and not r["sample"].endswith(padded)]
+    assert sorted(r["sample"] for r in rows if r["graph"] == "dit.ort") == sorted(r["sample"] for r in unpadded)
     chosen = OrtBackendFactory.create(manifest.model, tiny_artifacts, manifest)
     assert chosen["dit"].graph.variant == "ort" and chosen["vae_decoder"].graph.variant == ""
     assert OrtBackendFactory.create(manifest.model, tiny_artifacts, manifest, fused=False)["dit"].graph.variant == ""

@@ -82,3 +82,35 @@ def test_tiny_dit_variant_fuses_every_rotation(tiny_artifacts: Path) -> None:
     layers = int(Manifest.load(tiny_artifacts).model.transformer["num_layers"])
     assert fused.info["fusions"]["interleaved_rope"] == 4 * layers  # image and text q, k per block
     assert "RotaryEmbedding" in fused.info["contrib_ops"]
+
+
+def test_unmasked_attention_detaches_the_bias_and_its_producers() -> None:
+    from onnx import TensorProto, helper
+
+    from uniref_deploy.export.ort_fusions import UnmaskedAttention
+
+    s, d = "s", 16
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, s, d]) for n in "qkv"]
+    keep = helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, s])
+    nodes = [
+        helper.make_node("Where", ["keep", "zero", "neg"], ["bias2d"]),
+        helper.make_node("Unsqueeze", ["bias2d", "axes"], ["bias4d"]),
+        helper.make_node("Expand", ["bias4d", "full"], ["bias"]),
+        helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", "bias"], ["y"], domain="com.microsoft",
+                         num_heads=2),
+    ]
+    inits = [onnx.numpy_helper.from_array(np.array(v, dtype), n) for n, v, dtype in
+             (("zero", 0.0, np.float32), ("neg", -1e30, np.float32), ("axes", [1, 2], np.int64),
+              ("full", [1, 1, 5, 5], np.int64))]
+    graph = helper.make_graph(nodes, "g", [*io, keep], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((1, 5, d), dtype=np.float32) for n in "qkv"} | {"keep": np.ones((1, 5), bool)}
+    masked = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert UnmaskedAttention().apply(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MultiHeadAttention"]
+    assert list(model.graph.node[0].input) == ["q", "k", "v"] and not model.graph.initializer
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    unmasked = sess.run(None, {n: feeds[n] for n in "qkv"} | {"keep": feeds["keep"]})[0]
+    np.testing.assert_allclose(unmasked, masked, rtol=0, atol=1e-6)  # all-kept mask: the same attention

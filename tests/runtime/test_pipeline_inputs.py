@@ -71,3 +71,17 @@ def test_prompt_embeds_over_the_text_limit(pipe):
     embeds = np.zeros((1, MAX_TEXT_TOKENS + 1, pipe.config.text_hidden_size), np.float32)
     with pytest.raises(InputError, match="over the limit"):
         pipe(prompt_embeds=embeds, image=[], width=32, height=32, num_inference_steps=2)
+
+
+def test_trim_text_padding_drops_only_trailing_masked_tokens() -> None:
+    from uniref_deploy.runtime.pipeline import trim_text_padding
+
+    embeds = np.arange(6 * 2, dtype=np.float32).reshape(1, 6, 2)
+    mask = np.array([[True, False, True, True, False, False]])
+    kept, kept_mask = trim_text_padding(embeds, mask)
+    np.testing.assert_array_equal(kept, embeds[:, :4])
+    np.testing.assert_array_equal(kept_mask, [[True, False, True, True]])  # an inner hole stays (positions)
+    full = np.ones((1, 6), bool)
+    assert trim_text_padding(embeds, full)[0].shape == (1, 6, 2)
+    with pytest.raises(InputError, match="masks every token"):
+        trim_text_padding(embeds, np.zeros((1, 6), bool))
