@@ -23,12 +23,19 @@ import torch
 from uniref_deploy.runtime.errors import ExportError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
-from uniref_deploy.runtime.manifest import GraphSpec, Manifest, ModelConfig, StageRecord, TensorSpec
+from uniref_deploy.runtime.manifest import (
+    ORT_VARIANT,
+    GraphSpec,
+    Manifest,
+    ModelConfig,
+    StageRecord,
+    TensorSpec,
+)
 from uniref_deploy.runtime.packing import budget_pixels
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
-from .ort_fusions import ORT_VARIANT, contrib_ops, fuse_for_ort, ort_file
+from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
 from .samples import dit_sample, vae_decoder_samples, vae_encoder_samples, validation_layouts
@@ -203,8 +210,7 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
             manifest = manifest.with_graph(_graph_spec(art, name, precision, rel, inputs, outputs, info))
             if name == DIT and precision == "fp32":
                 manifest = manifest.without_graph(f"{DIT}.fp32.{ORT_VARIANT}")
-                for stale in (art / ort_file(rel), art / (ort_file(rel) + ".data")):
-                    stale.unlink(missing_ok=True)
+                _remove_graph_files(art, ort_file(rel))  # stale from an earlier export
                 if options.ort_fusions:
                     spec, ort_rows = _ort_variant(art, rel, inputs, outputs, reference, val_samples, options, say,
                                                     int(config.transformer["num_attention_heads"]))
@@ -260,11 +266,15 @@ def _ort_variant(art: Path, rel: str, inputs: tuple[TensorSpec, ...], outputs: t
         if not passed:
             logger.warning("the ONNX Runtime-fused DiT misses the fp32 tolerance; the runtime uses the portable graph")
             say("export: WARNING the ORT-fused DiT failed validation; not recorded (the portable graph is used)")
-            for f in (art / fused, art / (fused + ".data")):
-                f.unlink(missing_ok=True)
+            _remove_graph_files(art, fused)
             return None, rows
     spec = _graph_spec(art, DIT, "fp32", fused, inputs, outputs, info)
     return dataclasses.replace(spec, variant=ORT_VARIANT), rows
+
+
+def _remove_graph_files(art: Path, rel: str) -> None:
+    for f in (art / rel, art / (rel + ".data")):
+        f.unlink(missing_ok=True)
 
 
 def _is_inside(path: Path, root: Path) -> bool:

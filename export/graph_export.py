@@ -84,14 +84,20 @@ def export_graph(module: torch.nn.Module, args: tuple, path: str | os.PathLike, 
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as err:
             raise ExportError(f"ONNX checker rejected '{path.name}': {str(err).splitlines()[0]}") from err
-        for f in tmp_dir.iterdir():  # data file first, then the graph: a graph never points at a missing file
-            if f.name != path.name:
-                os.replace(f, path.parent / f.name)
-        os.replace(tmp, path)
+        move_into_place(tmp_dir, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("exported %s", path)
     return path
+
+
+def move_into_place(tmp_dir: Path, path: Path) -> None:
+    """Rename the files of ``tmp_dir`` next to ``path``: data files first, then the graph ``path.name``, so a
+    graph never points at a missing file."""
+    for f in tmp_dir.iterdir():
+        if f.name != path.name:
+            os.replace(f, path.parent / f.name)
+    os.replace(tmp_dir / path.name, path)
 
 
 def _by_position(module: torch.nn.Module, names: list[str], shapes: dict) -> tuple:

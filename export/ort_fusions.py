@@ -33,13 +33,11 @@ import numpy as np
 import onnx
 
 from uniref_deploy.runtime.errors import ExportError
-from uniref_deploy.runtime.manifest import TensorSpec
+from uniref_deploy.runtime.manifest import ORT_VARIANT, TensorSpec
 
-from .graph_export import EXTERNAL_DATA_THRESHOLD, name_dynamic_axes
+from .graph_export import EXTERNAL_DATA_THRESHOLD, move_into_place, name_dynamic_axes
 
 logger = logging.getLogger(__name__)
-
-ORT_VARIANT = "ort"
 
 
 def ort_file(portable_file: str) -> str:
@@ -83,10 +81,7 @@ def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, specs: Sequence
             counts["unmasked_attention"] = UnmaskedAttention().apply(proto)
         name_dynamic_axes(proto, specs)
         onnx.save_model(proto, str(tmp))  # no onnx.checker: it knows no contrib op; validation runs it in ORT
-        for f in tmp_dir.iterdir():  # data file first, then the graph
-            if f.name != dst.name:
-                os.replace(f, dst.parent / f.name)
-        os.replace(tmp, dst)
+        move_into_place(tmp_dir, dst)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     fired = {k: int(v) for k, v in counts.items() if v}

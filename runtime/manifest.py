@@ -43,6 +43,9 @@ class TensorSpec:
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
+ORT_VARIANT = "ort"  # GraphSpec.variant of a graph rewritten with ONNX Runtime contrib ops (export/ort_fusions.py)
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """One exported graph (``dit``, ``vae_encoder``, ``vae_decoder``) at one precision.

@@ -129,7 +129,7 @@ def time_dit_variant(path: Path, feeds: dict, reps: int = 3, optimization: str =
 
 def time_dit_graphs(art: Path, layout, s_txt: int) -> dict:
     """One DiT call at the benchmark's shapes for the portable fp32 graph and its ``ort`` variant (if exported)."""
-    from uniref_deploy.runtime.manifest import Manifest
+    from uniref_deploy.runtime.manifest import ORT_VARIANT, Manifest
     from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
     m = Manifest.load(art)
@@ -143,8 +143,8 @@ def time_dit_graphs(art: Path, layout, s_txt: int) -> dict:
              **rope}
     feeds = {k: v for k, v in feeds.items() if k in {t.name for t in spec.inputs}}
     result = {"portable_s": time_dit_variant(art / spec.file, feeds)}
-    if m.has_graph("dit", "fp32", "ort"):
-        fused = m.graph("dit", "fp32", "ort")
+    if m.has_graph("dit", "fp32", ORT_VARIANT):
+        fused = m.graph("dit", "fp32", ORT_VARIANT)
         result.update(ort_fused_s=time_dit_variant(art / fused.file, feeds), fusions=fused.info.get("fusions"))
         result["speedup"] = result["portable_s"] / result["ort_fused_s"]
     return result

@@ -15,10 +15,9 @@ from .._lazy import require
 from ..errors import BackendError, ManifestError
 from ..fileio import sha256_file
 from ..graphs import GRAPH_NAMES, VAE_DECODER, VAE_ENCODER
-from ..manifest import GraphSpec, Manifest, ModelConfig
+from ..manifest import ORT_VARIANT, GraphSpec, Manifest, ModelConfig
 from .base import Backend
 
-ORT_VARIANT = "ort"  # the manifest variant written by export/ort_fusions.py
 TEXT_MASK = "encoder_hidden_states_mask"
 
 
