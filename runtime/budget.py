@@ -74,11 +74,11 @@ class Budget:
             return text
         raw = str(text).strip().lower()
         try:
+            if raw.endswith("px"):
+                return cls.from_pixels(int(raw[:-2]))
             if "x" in raw:
                 w, h = (int(part) for part in raw.split("x", 1))
                 return cls.from_pixels(_positive_int(w, "budget width") * _positive_int(h, "budget height"))
-            if raw.endswith("px"):
-                return cls.from_pixels(int(raw[:-2]))
             number = int(raw)
         except ValueError:
             raise InputError(
