@@ -38,7 +38,7 @@ def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> CpuFeatures:
     """Parse ``cpuinfo`` (Linux format); unknown fields stay empty on other systems."""
     path = Path(cpuinfo)
     text = path.read_text(errors="replace") if path.is_file() else ""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,8 +64,9 @@ class OpenVinoBackend(Backend):
         self.graph, self.path = graph, Path(art_dir) / graph.file
         self.inference_precision, self.threads, self.verify, self.device = inference_precision, threads, verify, device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.compiled = None
-        self._request = None
+        self.compiled: Any = None  # openvino.CompiledModel once active
+        self._request: Any = None
+        self._ports: dict[str, Any] = {}
 
     def compile_config(self) -> dict[str, str]:
         """The properties passed to ``Core.compile_model``."""
@@ -88,12 +90,12 @@ class OpenVinoBackend(Backend):
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.compiled = ov.Core().compile_model(str(self.path), self.device, self.compile_config())
+            compiled = ov.Core().compile_model(str(self.path), self.device, self.compile_config())
         except Exception as err:  # OpenVINO raises RuntimeError with a multi-line message
             raise BackendError(f"OpenVINO cannot compile '{self.path}': {err}".splitlines()[0],
                                "the file may be damaged; re-run the export.") from err
-        self._request = self.compiled.create_infer_request()
-        self._ports = {s.name: self.compiled.output(s.name) for s in self.outputs}
+        self.compiled, self._request = compiled, compiled.create_infer_request()
+        self._ports = {s.name: compiled.output(s.name) for s in self.outputs}
 
     def _deactivate(self) -> None:
         self._request = None
