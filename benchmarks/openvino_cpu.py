@@ -194,7 +194,11 @@ def run_diffusers(model_dir: Path, dtype: str, steps: int, runs: int, latents, i
     return {"median_s": statistics.median(times), "times_s": times}
 
 
-def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int) -> dict:
+OURS = {"ort": ("ort", None), "openvino:auto": ("openvino", None), "openvino:fp32": ("openvino", "fp32"),
+        "openvino:bf16": ("openvino", "bf16")}
+
+
+def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int, ours_backends: list[str]) -> dict:
     from uniref_deploy.runtime import latents as lat
     from uniref_deploy.runtime.manifest import Manifest
     from uniref_deploy.runtime.text import CONDITION_IMAGE_AREA
@@ -207,8 +211,9 @@ def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int) -
         return procedural_images(1, 1000 + i)  # fresh references every run: no cache hits
 
     rows = {}
-    for label, backend, precision in (("ours_ort_fp32", "ort", None), ("ours_openvino_auto", "openvino", None),
-                                      ("ours_openvino_f32", "openvino", "fp32")):
+    for spec in ours_backends:
+        backend, precision = OURS[spec]
+        label = f"ours_{spec.replace(':', '_')}"
         rows[label] = run_ours(art, backend, precision, steps, runs, latents, images_for, threads)
         print(f"  e2e {label:<22} {rows[label]['median_s']:.2f} s {rows[label]['precisions']}", flush=True)
     for dtype in ("float32", "bfloat16"):
@@ -221,8 +226,9 @@ def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int) -
         "fastest_ours": fastest,
         "fastest_ours_over_diffusers_bf16": ours[fastest] / rows["diffusers_torch_bf16"]["median_s"],
         "fastest_ours_over_diffusers_fp32": ours[fastest] / rows["diffusers_torch_fp32"]["median_s"],
-        "ort_fp32_over_diffusers_fp32": ours["ours_ort_fp32"] / rows["diffusers_torch_fp32"]["median_s"],
     }
+    if "ours_ort" in ours:
+        rows["ratios"]["ort_fp32_over_diffusers_fp32"] = ours["ours_ort"] / rows["diffusers_torch_fp32"]["median_s"]
     return rows
 
 
@@ -260,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=28, help="end-to-end denoising steps")
     ap.add_argument("--e2e-runs", type=int, default=2, help="timed end-to-end edits per backend")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--e2e-backends", default="ort,openvino:auto,openvino:fp32",
+                    help=f"our end-to-end variants, from {', '.join(OURS)}")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-start", action="store_true", help="skip the OpenVINO first/second start timing")
     ap.add_argument("--out", default="bench_openvino_cpu")
     args = ap.parse_args(argv)
 
@@ -281,13 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         "text_tokens": args.text_tokens, "runs": args.runs, "steps": args.steps, "e2e_runs": args.e2e_runs,
     }
     print(f"CPU {report['cpu']}; load {report['load_before']}", flush=True)
-    report["openvino_start"] = bench_start(art, args.threads)
+    partial = out / "openvino_cpu.partial.json"  # rewritten after each part, so a killed run leaves its figures
+    if not args.skip_start:
+        report["openvino_start"] = bench_start(art, args.threads)
     report["dit_step"] = bench_dit(art, model_dir, [int(t) for t in args.tokens.split(",")], args.text_tokens,
                                    args.runs, args.threads)
+    partial.write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_e2e:
-        report["e2e"] = bench_e2e(art, model_dir, args.steps, args.e2e_runs, args.threads)
+        report["e2e"] = bench_e2e(art, model_dir, args.steps, args.e2e_runs, args.threads,
+                                  [b for b in args.e2e_backends.split(",") if b])
     report["load_after"] = list(os.getloadavg())
     (out / "openvino_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     plot(report, out / "openvino_cpu.png")
     print(json.dumps({"dit_step": {n: {k: round(v["median_s"], 3) for k, v in rows.items()}
                                    for n, rows in report["dit_step"].items()},
