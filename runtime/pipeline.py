@@ -108,8 +108,9 @@ class Pipeline:
                        **backend_options) -> Pipeline:
         """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``.
 
-        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime and the fastest built
-        precision on TensorRT (fp16, bf16, fp8, then fp32).
+        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime, the fastest built
+        precision on TensorRT (fp16, bf16, fp8, then fp32) and the measured choice per graph on OpenVINO.
+        ``backend="auto"`` follows the rule of ``backends/auto.py``.
         """
         manifest = Manifest.load(art_dir)
         if backend == "auto":
@@ -305,9 +306,7 @@ def _text_encoder(config: ModelConfig, condition_area: int, dtype: str = "float3
 
 
 def _auto_backend(manifest: Manifest) -> str:
-    """TensorRT when engines exist and TensorRT imports, else ONNX Runtime."""
-    from ._lazy import is_available
+    """The fastest installed backend for this machine (the measured rule in ``backends/auto.py``)."""
+    from .backends.auto import choose_backend
 
-    if manifest.engines and is_available("tensorrt"):
-        return "trt"
-    return "ort"
+    return choose_backend(manifest)
