@@ -198,7 +198,8 @@ OURS = {"ort": ("ort", None), "openvino:auto": ("openvino", None), "openvino:fp3
         "openvino:bf16": ("openvino", "bf16")}
 
 
-def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int, ours_backends: list[str]) -> dict:
+def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int, ours_backends: list[str],
+              diffusers_dtypes: list[str]) -> dict:
     from uniref_deploy.runtime import latents as lat
     from uniref_deploy.runtime.manifest import Manifest
     from uniref_deploy.runtime.text import CONDITION_IMAGE_AREA
@@ -216,19 +217,19 @@ def bench_e2e(art: Path, model_dir: Path, steps: int, runs: int, threads: int, o
         label = f"ours_{spec.replace(':', '_')}"
         rows[label] = run_ours(art, backend, precision, steps, runs, latents, images_for, threads)
         print(f"  e2e {label:<22} {rows[label]['median_s']:.2f} s {rows[label]['precisions']}", flush=True)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in diffusers_dtypes:
         label = f"diffusers_torch_{'fp32' if dtype == 'float32' else 'bf16'}"
         rows[label] = run_diffusers(model_dir, dtype, steps, runs, latents, images_for, CONDITION_IMAGE_AREA)
         print(f"  e2e {label:<22} {rows[label]['median_s']:.2f} s", flush=True)
     ours = {k: v["median_s"] for k, v in rows.items() if k.startswith("ours")}
     fastest = min(ours, key=ours.get)
-    rows["ratios"] = {
-        "fastest_ours": fastest,
-        "fastest_ours_over_diffusers_bf16": ours[fastest] / rows["diffusers_torch_bf16"]["median_s"],
-        "fastest_ours_over_diffusers_fp32": ours[fastest] / rows["diffusers_torch_fp32"]["median_s"],
-    }
-    if "ours_ort" in ours:
-        rows["ratios"]["ort_fp32_over_diffusers_fp32"] = ours["ours_ort"] / rows["diffusers_torch_fp32"]["median_s"]
+    ratios: dict = {"fastest_ours": fastest}
+    for peer in ("diffusers_torch_bf16", "diffusers_torch_fp32"):
+        if peer in rows:
+            ratios[f"fastest_ours_over_{peer}"] = ours[fastest] / rows[peer]["median_s"]
+    if "ours_ort" in ours and "diffusers_torch_fp32" in rows:
+        ratios["ort_fp32_over_diffusers_torch_fp32"] = ours["ours_ort"] / rows["diffusers_torch_fp32"]["median_s"]
+    rows["ratios"] = ratios
     return rows
 
 
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--e2e-backends", default="ort,openvino:auto,openvino:fp32",
                     help=f"our end-to-end variants, from {', '.join(OURS)}")
+    ap.add_argument("--diffusers-dtypes", default="float32,bfloat16", help="torch dtypes of the diffusers runs")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-start", action="store_true", help="skip the OpenVINO first/second start timing")
     ap.add_argument("--out", default="bench_openvino_cpu")
@@ -298,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     partial.write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_e2e:
         report["e2e"] = bench_e2e(art, model_dir, args.steps, args.e2e_runs, args.threads,
-                                  [b for b in args.e2e_backends.split(",") if b])
+                                  [b for b in args.e2e_backends.split(",") if b],
+                                  [d for d in args.diffusers_dtypes.split(",") if d])
     report["load_after"] = list(os.getloadavg())
     (out / "openvino_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     partial.unlink(missing_ok=True)
