@@ -43,9 +43,9 @@ def command(ctx, art, host, http_port, grpc_port, instances, backend, precision,
                               log_to_stderr=(ctx.obj or {}).get("verbose", 0) > 0)
         try:
             server.start()
-            server.wait_ready(MODEL_NAME, ready_timeout)
-            click.echo(f"serving {MODEL_NAME} ({instances} instance(s)) on http://{address.http_url} and "
-                       f"grpc://{address.grpc_url}; SIGINT/SIGTERM stops", err=True)
+            if server.wait_ready(MODEL_NAME, ready_timeout, cancel=stop):
+                click.echo(f"serving {MODEL_NAME} ({instances} instance(s)) on http://{address.http_url} and "
+                           f"grpc://{address.grpc_url}; SIGINT/SIGTERM stops", err=True)
             while not stop.wait(0.5):
                 if server.process.poll() is not None:
                     raise ServerError(f"tritonserver exited on its own (code {server.process.returncode}): "

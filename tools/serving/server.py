@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -148,8 +149,8 @@ class TritonServer:
         logger.info("tritonserver pid %d, log %s", self.process.pid, self.log_path)
         return self
 
-    def wait_ready(self, model: str, timeout_s: float = 600.0) -> None:
-        """Block until ``model`` is ready (HTTP ``/v2/models/<model>/ready``).
+    def wait_ready(self, model: str, timeout_s: float = 600.0, cancel: threading.Event | None = None) -> bool:
+        """Block until ``model`` is ready (HTTP ``/v2/models/<model>/ready``); False if ``cancel`` was set first.
 
         Raises:
             ServerError: the server exited or the model was not ready within ``timeout_s``.
@@ -157,6 +158,8 @@ class TritonServer:
         url = f"http://{self.address.http_url}/v2/models/{model}/ready"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                return False
             if self.process is None or self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited during startup (code "
                                   f"{None if self.process is None else self.process.returncode}): {self.last_error()}",
@@ -164,7 +167,7 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:
-                        return
+                        return True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
