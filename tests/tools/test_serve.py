@@ -260,14 +260,19 @@ def test_zz_sigint_stops_everything_without_tracebacks(server):
     assert not left, f"processes left after SIGINT: {left}"
 
 
-def test_sigterm_during_startup_of_a_second_server_leaves_nothing(tiny_artifacts, tmp_path):
+def test_sigterm_during_model_load_leaves_nothing(tiny_artifacts, tmp_path):
+    """SIGTERM while tritonserver is still loading the model: serve cancels, stops it, exits 0."""
     served = Served([str(tiny_artifacts), "--backend", "ort"], tmp_path / "serve.stderr")
     try:
-        served.wait_ready()
+        deadline = time.monotonic() + 120
+        while not any("tritonserver" in n for n in descendants(served.proc.pid).values()):
+            assert served.proc.poll() is None and time.monotonic() < deadline, served.stderr()[-3000:]
+            time.sleep(0.1)
         code = served.stop(signal.SIGTERM)
     finally:
         served.kill()
     assert code == 0, served.stderr()[-3000:]
+    assert "Traceback" not in served.stderr()
     left = {p: n for p, n in served.triton_pids.items() if alive(p)}
     assert not left, f"processes left after SIGTERM: {left}"
 
@@ -294,3 +299,21 @@ def test_triton_repo_loads_in_the_bundled_tritonserver(tiny_artifacts, tmp_path)
         client.close()
     assert Image.open(io.BytesIO(result.png)).size == (64, 64)
     assert triton.process.returncode == 0
+
+
+def test_model_that_cannot_load_fails_fast_with_one_line(tiny_artifacts, tmp_path):
+    """--backend trt without TensorRT: Triton marks the model UNAVAILABLE; serve says why and exits 1."""
+    from uniref_deploy.runtime._lazy import is_available
+
+    if is_available("tensorrt"):
+        pytest.skip("TensorRT is importable here, so the trt backend loads")
+    served = Served([str(tiny_artifacts), "--backend", "trt"], tmp_path / "serve.stderr")
+    try:
+        code = served.proc.wait(timeout=300)
+        served.triton_pids = {}
+    finally:
+        served.kill()
+    lines = served.stderr().splitlines()
+    assert code == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("error: Triton could not load model 'uniref_edit'"), lines
+    assert "TensorRT" in lines[0] or "tensorrt" in lines[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -170,9 +171,27 @@ class TritonServer:
                         return True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
+            failed = self.load_failure(model)
+            if failed:
+                self.stop()
+                raise ServerError(f"Triton could not load model '{model}': {failed}",
+                                  "check the artifact folder with `uniref-deploy inspect` and the backend choice.")
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"Model '{model}' was not ready after {timeout_s:.0f} s: {self.last_error()}")
+
+    def load_failure(self, model: str) -> str | None:
+        """The reason Triton gives for ``model`` being UNAVAILABLE (a failed load), else None."""
+        req = urllib.request.Request(f"http://{self.address.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                index = json.loads(resp.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return None
+        for entry in index:
+            if entry.get("name") == model and entry.get("state") == "UNAVAILABLE" and entry.get("reason"):
+                return " ".join(str(entry["reason"]).split())[:500]
+        return None
 
     def stop(self) -> int | None:
         """SIGINT (Triton lets in-flight requests finish), then SIGKILL after the exit timeout; reap the group."""
