@@ -57,6 +57,14 @@ def tree_pids(pid: int) -> set[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--art", type=Path, required=True)
@@ -95,7 +103,7 @@ def main() -> int:
     finally:
         server.send_signal(signal.SIGINT)
         code = server.wait(timeout=120)
-    left = [p for p in pids if Path(f"/proc/{p}").exists()]
+    left = [p for p in pids if alive(p)]
     report["server_exit_code"], report["server_processes_left"] = code, left
     json_path, png_path = write_report(report, args.out)
     lat, rss = report["latency_s"], report["server_rss"]

@@ -208,6 +208,9 @@ class TritonServer:
                 proc.wait(timeout=30)
         with contextlib.suppress(ProcessLookupError, PermissionError):  # stubs share the server's process group
             os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return proc.returncode
 
     def last_error(self) -> str:
@@ -223,6 +226,19 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid`` (Linux /proc; empty elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
