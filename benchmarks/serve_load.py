@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rss-after", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed edits first (loads every instance)")
     ap.add_argument("--max-rss-growth", type=float, default=0.05)
     ap.add_argument("--ready-timeout", type=float, default=600)
     args = ap.parse_args()
@@ -98,7 +99,8 @@ def main() -> int:
               f"{process_tree_rss(server.pid) / 2**20:.0f} MiB RSS before the first request")
         report = run_load_test(LoadTestOptions(url=f"127.0.0.1:{grpc}", protocol="grpc", requests=args.requests,
                                                concurrency=args.concurrency, steps=args.steps,
-                                               server_pid=server.pid, rss_after=args.rss_after))
+                                               server_pid=server.pid, rss_after=args.rss_after,
+                                               warmup=args.warmup))
         pids = tree_pids(server.pid)
     finally:
         server.send_signal(signal.SIGINT)

@@ -16,10 +16,13 @@ import click
 @click.option("--width", type=click.IntRange(16, 16384), default=64, show_default=True)
 @click.option("--height", type=click.IntRange(16, 16384), default=64, show_default=True)
 @click.option("--budget", type=int, default=None, help="Compiled budget side (default: the server's default).")
+@click.option("--warmup", type=click.IntRange(0, 10000), default=0, show_default=True,
+              help="Untimed edits sent first (cold instances load their text encoder on the first request).")
 @click.option("--server-pid", type=int, default=None, help="Sample the RSS of this process and its children.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for loadtest.json and loadtest.png.")
-def command(url, protocol, n_requests, concurrency, steps, references, width, height, budget, server_pid, out_dir):
+def command(url, protocol, n_requests, concurrency, steps, references, width, height, budget, warmup, server_pid,
+            out_dir):
     """Send edits to a running `uniref-deploy serve`; report p50/p95/p99 latency, throughput and failures."""
     from pathlib import Path
 
@@ -27,7 +30,8 @@ def command(url, protocol, n_requests, concurrency, steps, references, width, he
     from uniref_deploy.tools.serving.loadtest import LoadTestOptions, run_load_test, write_report
 
     opts = LoadTestOptions(url=url, protocol=protocol, requests=n_requests, concurrency=concurrency, steps=steps,
-                           references=references, width=width, height=height, budget=budget, server_pid=server_pid)
+                           references=references, width=width, height=height, budget=budget, warmup=warmup,
+                           server_pid=server_pid)
     report = run_load_test(opts)
     json_path, png_path = write_report(report, Path(out_dir))
     lat, rss = report["latency_s"], report["server_rss"]

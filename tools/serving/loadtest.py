@@ -7,6 +7,7 @@ request's latency and outcome, and, given the server's pid, the resident memory 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -34,6 +35,7 @@ class LoadTestOptions:
         steps (int): denoising steps per edit (default 2). references (int): generated references per edit.
         width, height (int): output size. budget (int | None): compiled side, None = server default.
         server_pid (int | None): the server's pid (tree RSS is sampled when given). rss_after (int): early sample.
+        warmup (int): untimed edits sent first (same concurrency), e.g. to load each instance's text encoder.
     """
 
     url: str = "127.0.0.1:8000"
@@ -49,6 +51,7 @@ class LoadTestOptions:
     server_pid: int | None = None
     rss_after: int = 10
     timeout_s: float = 600.0
+    warmup: int = 0
 
 
 @dataclass
@@ -105,12 +108,15 @@ def run_load_test(opts: LoadTestOptions) -> dict:
     rec, lock = _Record(), threading.Lock()
     extra = {"budget": opts.budget} if opts.budget is not None else {}
 
-    def one(i: int) -> None:
+    def client() -> EditClient:
         if not hasattr(local, "client"):
             local.client = EditClient(opts.url, opts.protocol, opts.timeout_s)
+        return local.client
+
+    def one(i: int) -> None:
         t0 = time.perf_counter()
         try:
-            local.client.edit(opts.prompt, images, steps=opts.steps, seed=i, width=opts.width, height=opts.height,
+            client().edit(opts.prompt, images, steps=opts.steps, seed=i, width=opts.width, height=opts.height,
                               **extra)
             ok, err = True, None
         except EditRequestError as e:
@@ -125,10 +131,18 @@ def run_load_test(opts: LoadTestOptions) -> dict:
             if len(rec.latencies) + len(rec.errors) == opts.rss_after and opts.server_pid:
                 rec.rss_early = process_tree_rss(opts.server_pid)
 
-    start = time.perf_counter()
+    def warm(i: int) -> None:  # untimed; a server that fails here fails the timed run too
+        with contextlib.suppress(EditRequestError):
+            client().edit(opts.prompt, images, steps=opts.steps, seed=10**6 + i, width=opts.width,
+                          height=opts.height, **extra)
+
+    if opts.warmup:
+        with ThreadPoolExecutor(max_workers=opts.concurrency) as pool:
+            list(pool.map(warm, range(opts.warmup)))
     with ThreadPoolExecutor(max_workers=opts.concurrency) as pool:
+        start = time.perf_counter()
         list(pool.map(one, range(opts.requests)))
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     rss_end = process_tree_rss(opts.server_pid) if opts.server_pid else None
     return summarize(opts, rec, wall, rss_end)
 
