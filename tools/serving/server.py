@@ -17,8 +17,10 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +36,7 @@ from uniref_deploy.runtime.errors import MissingDependencyError, UnirefError
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+STUB_SITE_ENV = "UNIREF_TRITON_STUB_SITE"
 
 
 class ServerError(UnirefError):
@@ -91,13 +94,65 @@ def prepare_backends(workdir: Path, triton: Path | None = None) -> Path:
     return backends
 
 
-def server_env(triton: Path) -> dict[str, str]:
-    """Environment for tritonserver: this venv first on PATH, this libpython and PyTriton's libraries loadable."""
+def stub_site() -> Path | None:
+    """A folder holding numpy<2 to put first on the stubs' ``PYTHONPATH``, or None when this numpy is 1.x.
+
+    The Python-backend stub bundled with nvidia-pytriton 0.7 was built against numpy 1.x: under numpy 2 it hands
+    BYTES tensors to Python corrupted. The folder is ``$UNIREF_TRITON_STUB_SITE``, else ``<venv>/triton-stub-site``.
+
+    Raises:
+        MissingDependencyError: numpy is 2.x here and the folder holds no numpy.
+    """
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        return None
+    site = Path(os.environ.get(STUB_SITE_ENV) or Path(sys.prefix) / "triton-stub-site")
+    if not (site / "numpy").is_dir():
+        raise MissingDependencyError(
+            f"The Triton Python-backend stub bundled with nvidia-pytriton needs numpy<2; this environment has "
+            f"numpy {numpy.__version__} and '{site}' holds no numpy.",
+            f"pip install --target '{site}' 'numpy<2' (only the stub processes use it), or set {STUB_SITE_ENV}.")
+    return site
+
+
+def stub_env(workdir: Path) -> Path | None:
+    """A venv overlay for the stubs with numpy<2 first, then this environment (None when numpy is 1.x here).
+
+    The embedded stub ignores PYTHONPATH and takes its prefix from the first ``python3`` on PATH, so the overlay is
+    a venv: ``bin/python3`` (this base interpreter), ``pyvenv.cfg``, and a site-packages holding links to the
+    numpy<2 folder and a ``.pth`` that adds this environment's site-packages after it.
+    """
+    numpy_site = stub_site()
+    if numpy_site is None:
+        return None
+    env = workdir / "stub-env"
+    pyver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    packages = env / "lib" / pyver / "site-packages"
+    packages.mkdir(parents=True, exist_ok=True)
+    (env / "bin").mkdir(exist_ok=True)
+    base = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    for name in ("python3", pyver):
+        (env / "bin" / name).symlink_to(base)
+    (env / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                    f"version = {platform.python_version()}\n")
+    for entry in numpy_site.iterdir():
+        (packages / entry.name).symlink_to(entry.resolve())
+    dirs = "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages())
+    (packages / "zz_uniref_environment.pth").write_text(f"import site; {dirs}\n")
+    return env
+
+
+def server_env(triton: Path, workdir: Path) -> dict[str, str]:
+    """Environment for tritonserver: this venv (or its numpy<2 overlay) first on PATH, this libpython and
+    PyTriton's libraries loadable."""
     env = dict(os.environ)
+    overlay = stub_env(workdir)
     libs = [sysconfig.get_config_var("LIBDIR") or "", str(triton.parent.parent / "nvidia_pytriton.libs"),
             env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    bins = ([str(overlay / "bin")] if overlay else []) + [str(Path(sys.executable).parent), env.get("PATH", "")]
+    env["PATH"] = ":".join(p for p in bins if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -138,10 +193,11 @@ class TritonServer:
     def start(self) -> TritonServer:
         triton = bundled_triton()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        env = server_env(triton, self.workdir)  # fails early when the stub would need numpy<2 and has none
         backends = prepare_backends(self.workdir, triton)
         log = None if self.log_to_stderr else open(self.log_path, "wb")  # noqa: SIM115 - closed by the child's exit
         try:
-            self.process = subprocess.Popen(self.command(backends, triton), env=server_env(triton),
+            self.process = subprocess.Popen(self.command(backends, triton), env=env,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
                                             start_new_session=True, preexec_fn=_die_with_parent)
         finally:
