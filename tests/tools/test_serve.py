@@ -27,8 +27,15 @@ pytest.importorskip("onnxruntime")
 if __import__("importlib").util.find_spec("pytriton") is None:
     pytest.skip("nvidia-pytriton (the bundled tritonserver) is not installed", allow_module_level=True)
 
+from uniref_deploy.runtime.errors import MissingDependencyError  # noqa: E402
 from uniref_deploy.tools.serving.client import EditClient, EditRequestError  # noqa: E402
 from uniref_deploy.tools.serving.interface import MODEL_NAME  # noqa: E402
+from uniref_deploy.tools.serving.server import stub_site  # noqa: E402
+
+try:
+    stub_site()
+except MissingDependencyError as err:  # .ci/run installs it; see README, Serving
+    pytest.skip(str(err), allow_module_level=True)
 
 pytestmark = pytest.mark.slow
 
