@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import site
@@ -218,6 +219,9 @@ class TritonServer:
             if cancel is not None and cancel.is_set():
                 return False
             if self.process is None or self.process.poll() is not None:
+                reason = self.logged_load_failure(model)
+                if reason:
+                    raise ServerError(f"Triton could not load model '{model}': {reason}")
                 raise ServerError(f"tritonserver exited during startup (code "
                                   f"{None if self.process is None else self.process.returncode}): {self.last_error()}",
                                   "check the ports are free and the artifacts load (`uniref-deploy inspect`).")
@@ -268,6 +272,17 @@ class TritonServer:
         while group_members(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         return proc.returncode
+
+    def logged_load_failure(self, model: str) -> str | None:
+        """The first line of the reason Triton logged for failing to load ``model`` (None if none)."""
+        if self.log_to_stderr or not self.log_path.is_file():
+            return None
+        pattern = re.compile(rf"failed to load '{re.escape(model)}' version \d+: (?:Internal: )?(?:\w+(?:Error|Exception): )?(.*?)(?:\\n|\"?$)")
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            found = pattern.search(line)
+            if found:
+                return found.group(1).strip()
+        return None
 
     def last_error(self) -> str:
         """The last error line of the server log (or a pointer to stderr)."""
