@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 STUB_SITE_ENV = "UNIREF_TRITON_STUB_SITE"
+STUB_TIMEOUT_S = 300
 
 
 class ServerError(UnirefError):
@@ -184,6 +185,8 @@ class TritonServer:
                f"--http-address={a.host}", f"--http-port={a.http_port}",
                f"--grpc-address={a.host}", f"--grpc-port={a.grpc_port}",
                f"--exit-timeout-secs={self.exit_timeout_s}", "--strict-readiness=true",
+               # a stub busy on a starved CPU answers health checks late; 30 s (the default) is too tight there
+               f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
                f"--log-info={str(self.log_to_stderr).lower()}"]
         if a.metrics_port is None:
             cmd.append("--allow-metrics=false")
