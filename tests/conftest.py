@@ -106,3 +106,10 @@ def fake_trt() -> Iterator[types.ModuleType]:
     """The TensorRT stand-in for one test (a fresh fake device)."""
     with fake_tensorrt_modules() as trt:
         yield trt
+
+
+@pytest.fixture(scope="module")
+def fake_trt_module() -> Iterator[types.ModuleType]:
+    """The TensorRT stand-in for a whole test module (engines built once are shared by its tests)."""
+    with fake_tensorrt_modules() as trt:
+        yield trt

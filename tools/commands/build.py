@@ -53,7 +53,7 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
     if budgets is not None:
         sides = tuple(Budget.from_side(s) for s in parse_budgets(budgets))
     else:
-        sides = tuple(Budget.from_pixels(b) for b in manifest.budgets) or trained_budgets()[:1]
+        sides = tuple(Budget.coerce(b) for b in manifest.budgets) or trained_budgets()[:1]
     options = PlanOptions(builder_optimization_level=opt_level, refittable=refittable,
                           weight_streaming_budget=_parse_bytes(weight_streaming_budget))
     plan = make_plan(manifest, sides, parse_list(precision_list, PRECISIONS, "--precision"), options)
