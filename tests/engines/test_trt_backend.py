@@ -360,3 +360,18 @@ def test_stand_in_refuses_what_tensorrt_refuses(toy, fake_trt):
     assert ctx.execute_async_v3(stream)
     with pytest.raises(RuntimeError, match="replayed after its context ran"):
         fake_cudart.cudaGraphLaunch(graph_exec, stream)
+
+
+def test_inspect_shows_engines_with_their_profiles(toy):
+    from uniref_deploy.tools.inspecting import format_text, inspect_artifacts
+
+    art, graph = toy
+    _build(art, graph)
+    info = inspect_artifacts(art)
+    (engine,) = info["engines"]
+    assert engine["budgets"] == [b.pixels for b in BUDGETS] and engine["present"]
+    (planned,) = info["engine_plan"]["engines"]
+    assert [p["budget"] for p in planned["profiles"]] == [b.pixels for b in BUDGETS]
+    lines = format_text(info).splitlines()
+    assert any(line.split()[-3:] == ["profiles", "b64,", "b128"] for line in lines)
+    assert any(line.strip().startswith("profile 1: b128: batch 1/1/2, img_tokens 1/32/32") for line in lines)
