@@ -151,13 +151,13 @@ class TrtBackend(Backend):
 
     # ---- inference ---------------------------------------------------------------------------------------
     def select_profile(self, shapes: dict[str, Shape]) -> int:
-        """The smallest bucket's profile that holds ``shapes`` (profiles are in bucket order).
+        """The smallest bucket's profile that holds ``shapes``.
 
         Raises:
             BackendError: no compiled bucket holds them (the axis sizes and each profile's ranges are named).
         """
         assert self._engine is not None
-        for i in range(len(self._engine.profiles)):
+        for i in sorted(range(len(self._engine.profiles)), key=lambda i: self.engine_spec.budgets[i]):
             if self._engine.holds(i, shapes):
                 return i
         sizes: dict[str, int] = {}
