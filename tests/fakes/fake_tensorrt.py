@@ -17,7 +17,8 @@ Only the names this project calls exist; each was checked against NVIDIA/TensorR
 ``create_execution_context(strategy)``), ``ExecutionContextAllocationStrategy`` (``STATIC``,
 ``ON_PROFILE_CHANGE``, ``USER_MANAGED``), ``IExecutionContext`` (``set_device_memory``,
 ``set_optimization_profile_async``, ``active_optimization_profile``, ``set_input_shape``, ``get_tensor_shape``,
-``set_tensor_address``, ``execute_async_v3``), ``TensorIOMode``; ``python/src/infer/pyFoundationalTypes.cpp``
+``set_tensor_address``, ``execute_async_v3``), ``TensorIOMode``; ``python/src/infer/pyGraph.cpp`` for the
+``INetworkDefinition`` the builder makes; ``python/src/infer/pyFoundationalTypes.cpp``
 for ``DataType`` and ``IHostMemory`` (a buffer with ``nbytes``); ``python/src/parsers/pyOnnx.cpp`` for
 ``OnnxParser`` (``parse_from_file``, ``num_errors``, ``get_error(i).desc()``);
 ``python/packaging/bindings_wheel/tensorrt/__init__.py`` for ``nptype`` and ``__version__``. Semantics follow
@@ -25,7 +26,8 @@ the docstrings in ``python/docstrings/infer/pyCoreDoc.h`` (profile 0 is active b
 invalidates input shapes; ``set_device_memory`` needs the engine's device memory size; ``set_input_shape`` and
 ``execute_async_v3`` return False on error).
 
-Where this project could err, it behaves like TensorRT or stricter: a shape outside the active profile is
+Names that are not TensorRT's (``STATS``, ``output_shape``, the ``_``-prefixed helpers) are the stand-in's own
+bookkeeping for tests. Where this project could err, it behaves like TensorRT or stricter: a shape outside the active profile is
 refused; executing without every input shape, every tensor address or (user-managed) device memory large
 enough for the active profile fails; a plan built by another TensorRT version or for another compute capability
 does not deserialise; the first enqueue after a shape change cannot be captured into a CUDA graph (TensorRT does
