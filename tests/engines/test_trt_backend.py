@@ -375,3 +375,19 @@ def test_inspect_shows_engines_with_their_profiles(toy):
     lines = format_text(info).splitlines()
     assert any(line.split()[-3:] == ["profiles", "b64,", "b128"] for line in lines)
     assert any(line.strip().startswith("profile 1: b128: batch 1/1/2, img_tokens 1/32/32") for line in lines)
+
+
+def test_cli_build_through_the_stand_in(toy, capsys):
+    from uniref_deploy.tools.cli import main
+
+    art, graph = toy
+    manifest = Manifest.load(art)
+    manifest.with_budgets((1024 * 1024,)).save(art)
+    assert main(["build", str(art), "--precision", "fp32", "--opt-level", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("engines/dit.fp32.plan  profiles 1024 ") and "TensorRT 10.99.0+fake sm 9.0" in out[0]
+    assert [line.split(":")[0] for line in out[1:3]] == ["skipped vae_encoder.fp16", "skipped vae_decoder.fp16"]
+    assert out[-1].startswith("built 1, reused 0")
+    assert main(["build", str(art), "--precision", "fp16"]) == 2  # nothing to build: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Nothing to build (dit.fp16: the manifest has no dit.fp16")
