@@ -11,13 +11,13 @@ import pytest
 logger = logging.getLogger(__name__)
 
 
-# --- model presets (export/presets.py) -------------------------------------------------------------------------
+# --- model presets (presets/) -------------------------------------------------------------------------
 
 
 def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.presets import build_preset
 
     start = time.perf_counter()
     out = build_preset(name, tmp_path_factory.mktemp("presets") / name, seed=0)

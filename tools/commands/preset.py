@@ -11,7 +11,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed.")
 def command(name: str, out_dir: str, seed: int) -> None:
     """Build the `tiny` (seconds on CPU) or `small` (benchmark-sized) preset locally; no model hub needed."""
-    from uniref_deploy.export.presets import build_preset, preset_parameter_counts
+    from uniref_deploy.presets import build_preset, preset_parameter_counts
 
     path = build_preset(name, out_dir, seed=seed)
     counts = preset_parameter_counts(path)
