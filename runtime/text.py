@@ -30,7 +30,7 @@ from .pipeline_classes import (
     PipelineClass,
 )
 
-__all__ = ["CONDITION_IMAGE_AREA", "MAX_TEXT_TOKENS", "QwenPromptEncoder", "condition_images", "format_prompt"]
+__all__ = ["CONDITION_IMAGE_AREA", "MAX_TEXT_TOKENS", "QwenPromptEncoder", "condition_images", "resolve_text_dtype"]
 
 
 def condition_images(images: Sequence[Image.Image], area: int = CONDITION_IMAGE_AREA) -> list[Image.Image]:
@@ -40,11 +40,6 @@ def condition_images(images: Sequence[Image.Image], area: int = CONDITION_IMAGE_
         w, h = calculate_dimensions(area, img.width / img.height)
         out.append(resize(img, w, h))
     return out
-
-
-def format_prompt(prompt: str, num_images: int, pipeline: PipelineClass = PIPELINE_CLASSES[EDIT_PLUS]) -> str:
-    """The full templated text for ``prompt`` with ``num_images`` references (Edit-Plus unless ``pipeline``)."""
-    return pipeline.format_prompt(prompt, num_images)
 
 
 def resolve_text_dtype(dtype: str) -> str:
@@ -115,6 +110,8 @@ class QwenPromptEncoder:
         """The vision tower's images: at ``condition_area`` (Edit-Plus) or each reference's VAE (w, h) (Edit)."""
         if self.pipeline.condition_area is not None:
             return condition_images(images, self.condition_area)
+        if len(images) != 1:
+            raise InputError(f"{self.pipeline.name} conditions on exactly one reference image, got {len(images)}.")
         if vae_sizes is None or len(vae_sizes) != len(images):
             raise InputError(f"{self.pipeline.name} conditions on each reference at its VAE size; none was given.",
                              "pass vae_sizes (the packed reference sizes).")
