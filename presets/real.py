@@ -143,21 +143,29 @@ def _vocabulary_dir() -> Path:
 
 
 def _write(cfg: dict, folder: Path, seed: int, num_layers: int, text_layers: int, vision_depth: int) -> None:
+    """Save each component as soon as it is built (one large model in memory at a time), then the index."""
     import diffusers
     import torch
 
     tokenizer = qwen2_tokenizer()
-    transformer = _transformer(cfg, seed, num_layers).to(torch.bfloat16)
-    text_encoder = _text_encoder(cfg, seed, text_layers, vision_depth)
-    pipe = getattr(diffusers, cfg["model_index_class"])(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"]),
-        vae=_vae(cfg, seed).to(torch.bfloat16),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        processor=_processor(cfg, tokenizer),
-        transformer=transformer,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    _processor(cfg, tokenizer).save_pretrained(folder / "processor")
+    diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"]).save_pretrained(folder / "scheduler")
+    builders = (("vae", lambda: _vae(cfg, seed).to(torch.bfloat16)),
+                ("transformer", lambda: _transformer(cfg, seed, num_layers).to(torch.bfloat16)),
+                ("text_encoder", lambda: _text_encoder(cfg, seed, text_layers, vision_depth)))
+    for component, build in builders:
+        model = build()
+        model.save_pretrained(folder / component, safe_serialization=True, max_shard_size=SHARD_SIZE)
+        del model
+    index = {"_class_name": cfg["model_index_class"], "_diffusers_version": diffusers.__version__,
+             "processor": ["transformers", "Qwen2VLProcessor"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+             "tokenizer": ["transformers", type(tokenizer).__name__],
+             "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKLQwenImage"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _public(section: dict) -> dict:
@@ -195,7 +203,7 @@ def _text_encoder(cfg: dict, seed: int, text_layers: int, vision_depth: int) -> 
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                               tie_word_embeddings=text["tie_word_embeddings"], **ids)
     with seeded_rng(seed, "text_encoder"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=torch.bfloat16)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
 

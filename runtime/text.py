@@ -100,7 +100,7 @@ class QwenPromptEncoder:
                 self._processor = transformers.AutoProcessor.from_pretrained(self.model_dir / "processor")
             else:
                 self._model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                    self.model_dir / "text_encoder", torch_dtype=getattr(torch, self.dtype)
+                    self.model_dir / "text_encoder", dtype=getattr(torch, self.dtype)
                 ).eval()
         except (OSError, ValueError) as err:
             raise MissingDependencyError(f"Cannot load the text encoder from '{self.model_dir}': {err}.") from err
