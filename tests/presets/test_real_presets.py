@@ -9,8 +9,8 @@ Small sizes keep this to about a minute per model after the build: a 64x64 outpu
 (diffusers' hard-coded reference areas are patched to that: ``VAE_IMAGE_SIZE``/``CONDITION_IMAGE_SIZE`` for
 Edit-Plus, the 1024² argument of ``calculate_dimensions`` for Edit), and the artifact's recorded budget set to
 128² (the graphs are dynamic; the recorded budget only gates the request). Each model needs ~5 GB of disk and
-~7 GB of memory at a time (fp32 text encoder): the build, the export and our edits each run in their own
-process, then diffusers' in this one.
+~5 GB of memory at a time: the build, the export, our prompt encoding and our edits each run in their own
+process, then diffusers' text encoding and edit in turn in this one.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from PIL import Image  # noqa: E402
 
 from uniref_deploy.presets.real import FIRST_ADDED_ID, REAL_MODELS, real_config  # noqa: E402
 from uniref_deploy.runtime.manifest import Manifest  # noqa: E402
-from uniref_deploy.runtime.pipeline_classes import EDIT  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -86,20 +85,38 @@ def small_areas():
         yield
 
 
-# Our side, in its own process: ORT edits of the artifact folder (argv: ART, OUT.npz) for both cases.
-OURS = f"""
+# Our side runs in two processes so the fp32 text encoder (~4.4 GB) and the ONNX Runtime graphs are never in
+# memory together: the runtime's prompt encoder writes the embeddings, then the ORT pipeline edits with them.
+OUR_TEXT = f"""
+import sys
+import numpy as np
+from PIL import Image
+from uniref_deploy.runtime.manifest import Manifest
+from uniref_deploy.runtime.packing import pack_references
+from uniref_deploy.runtime.pipeline_classes import pipeline_class
+from uniref_deploy.runtime.text import QwenPromptEncoder
+art = sys.argv[1]
+model = Manifest.load(art).model
+ref = Image.open(art + "/ref.png").convert("RGB")
+slot = pack_references([ref.size], {REF_AREA}, "per-image", {SIZE}, {SIZE}).references[0]
+encoder = QwenPromptEncoder(model.text_encoder_dir, condition_area={COND_AREA}, dtype="float32",
+                            pipeline=pipeline_class(model.pipeline_class))
+np.savez(art + "/our_text.npz", **{{k: encoder.encode(p, [ref], [(slot.width, slot.height)])[0]
+                                   for k, p in (("prompt", {PROMPT!r}), ("negative", {NEGATIVE!r}))}})
+"""
+OUR_EDIT = f"""
 import sys
 import numpy as np
 from PIL import Image
 from uniref_deploy.runtime.pipeline import Pipeline
-art, out = sys.argv[1:3]
+art = sys.argv[1]
 ref = Image.open(art + "/ref.png").convert("RGB")
-latents = np.load(art + "/latents.npy")
-pipe = Pipeline.from_artifacts(art, backend="ort", condition_image_area={COND_AREA}, text_encoder_dtype="float32")
+text = np.load(art + "/our_text.npz")
+pipe = Pipeline.from_artifacts(art, backend="ort", load_text_encoder=False)
 kw = dict(true_cfg_scale={CFG_SCALE}, num_inference_steps={STEPS}, width={SIZE}, height={SIZE}, output_type="np",
-          budget={REF_AREA}, policy="per-image")
-np.savez(out, **{{case: pipe({PROMPT!r}, image=[ref], negative_prompt=neg, latents=latents.copy(), **kw)
-                 for case, neg in (("batch1", None), ("cfg", {NEGATIVE!r}))}})
+          budget={REF_AREA}, policy="per-image", latents=np.load(art + "/latents.npy"))
+np.savez(art + "/ours.npz", batch1=pipe(prompt_embeds=text["prompt"], image=[ref], **kw),
+         cfg=pipe(prompt_embeds=text["prompt"], negative_prompt_embeds=text["negative"], image=[ref], **kw))
 """
 
 
@@ -109,6 +126,39 @@ def _reference() -> Image.Image:
     yy, xx = np.mgrid[0:96, 0:144]
     base = np.stack([xx * 255 // 143, yy * 255 // 95, (xx + yy) * 255 // 238], axis=-1)
     return Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8))
+
+
+def _diffusers_edits(cls, folder, latents, cases, kw) -> dict[str, np.ndarray]:
+    """diffusers' pipeline ``cls`` on ``folder``, in two steps as its ``__call__`` does them: ``encode_prompt``
+    (with the condition image its ``__call__`` would make; loaded without transformer and VAE), then the edit
+    with those embeddings (loaded without the text encoder), so the two halves are never in memory together."""
+    image = _reference()
+    if cls is diffusers.QwenImageEditPipeline:
+        w, h, _ = edit_mod.calculate_dimensions(1024 * 1024, image.width / image.height)  # patched: REF_AREA
+    else:
+        w, h = plus_mod.calculate_dimensions(plus_mod.CONDITION_IMAGE_SIZE, image.width / image.height)
+    text_pipe = cls.from_pretrained(folder, transformer=None, vae=None, torch_dtype=torch.float32)
+    condition = text_pipe.image_processor.resize(image, h, w)
+    if cls is not diffusers.QwenImageEditPipeline:
+        condition = [condition]
+    with torch.inference_mode():
+        embeds = {case: text_pipe.encode_prompt(p, image=condition, device="cpu")
+                  for case, p in (("prompt", PROMPT), ("negative", NEGATIVE))}
+    del text_pipe
+    gc.collect()
+    pipe = cls.from_pretrained(folder, text_encoder=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = {}
+    for case, neg in cases.items():
+        negative = {} if neg is None else {"negative_prompt_embeds": embeds["negative"][0],
+                                           "negative_prompt_embeds_mask": embeds["negative"][1]}
+        result = pipe(image=image if cls is diffusers.QwenImageEditPipeline else [image],
+                      prompt_embeds=embeds["prompt"][0], prompt_embeds_mask=embeds["prompt"][1],
+                      latents=torch.from_numpy(latents.copy()), **negative, **kw)
+        out[case] = np.asarray(result.images[0], np.float32)
+    del pipe
+    gc.collect()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +172,12 @@ def edits(real_model, small_areas):
 
     np.save(art / "latents.npy", latents)
     _reference().save(art / "ref.png")
-    _run(["-c", OURS, str(art), str(art / "ours.npz")], "the ONNX Runtime edit")
+    _run(["-c", OUR_TEXT, str(art)], "our prompt encoding")
+    _run(["-c", OUR_EDIT, str(art)], "the ONNX Runtime edit")
     with np.load(art / "ours.npz") as data:
         got = {case: data[case] for case in cases}
     pipeline_class = Manifest.load(art).model.pipeline_class
-
-    ref = getattr(diffusers, pipeline_class).from_pretrained(folder, torch_dtype=torch.float32)
-    ref.set_progress_bar_config(disable=True)
-    image = _reference() if pipeline_class == EDIT else [_reference()]
-    expected = {case: np.asarray(ref(prompt=PROMPT, image=image, negative_prompt=neg,
-                                     latents=torch.from_numpy(latents.copy()), **kw).images[0], np.float32)
-                for case, neg in cases.items()}
-    del ref
-    gc.collect()
+    expected = _diffusers_edits(getattr(diffusers, pipeline_class), folder, latents, cases, kw)
     return {case: (got[case], expected[case]) for case in cases}
 
 
