@@ -2,7 +2,8 @@
 
 ``Pipeline.from_pretrained(model_dir, backend="torch")`` runs diffusers' modules; ``Pipeline.from_artifacts(art)``
 runs exported graphs (ONNX Runtime, TensorRT). With ``policy="per-image"`` and the same components, latents and
-embeddings, the output reproduces diffusers' ``QwenImageEditPlusPipeline``.
+embeddings, the output reproduces diffusers' pipeline class of the model folder (``QwenImageEditPlusPipeline`` or
+``QwenImageEditPipeline``, see ``pipeline_classes.py``).
 """
 
 from __future__ import annotations
