@@ -405,6 +405,7 @@ def _twin_smoke(run: _Run, job: GraphJob) -> dict:
     twin = dataclasses.replace(run.config, transformer={**run.config.transformer, "num_layers": layers})
     run.say(f"export: the {job.name} graph does not fit ONNX Runtime in this machine's RAM: smoke-validating a "
             f"{layers}-block twin exported the same way")
+    run.art.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smoke-twin.", dir=run.art))
     try:
         export_dit_lean(run.model_dir, tmp / "dit.onnx", twin, dtype=job.precision, opset=run.options.opset,
