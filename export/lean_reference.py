@@ -4,7 +4,7 @@ The lean export never holds the DiT in memory, so its graphs cannot be validated
 ``streamed_dit`` builds ``QwenImageDitForExport`` on the meta device and gives every module that owns parameters
 a pair of hooks:
 
-    before its forward: read its tensors from the safetensors shards (memory-mapped), as float32
+    before its forward: read its tensors from the safetensors shards (by byte range), as float32
     after its forward:  put them back on the meta device (the storage is freed)
 
 Peak memory is the activations plus one layer's fp32 weights (a 3072 x 12288 Linear is 150 MB); every call reads
@@ -26,19 +26,19 @@ from .qwen_image import QwenImageDitForExport
 
 
 class _ShardReader:
-    """Opens each shard once (safetensors' memory map) and hands out single tensors as float32."""
+    """Reads single tensors from the shards by byte range, as float32 (no memory map stays behind: a mapped 40 GB
+    checkpoint would count as this process's memory)."""
 
     def __init__(self, index: dict[str, SafetensorsEntry]):
         self.index = index
-        self.handles: dict[Path, object] = {}
 
     def tensor(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         entry = self.index[key]
-        if entry.file not in self.handles:
-            self.handles[entry.file] = safe_open(str(entry.file), framework="pt")
-        return self.handles[entry.file].get_tensor(key).float()
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            raw = bytearray(f.read(entry.nbytes))
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[entry.dtype]
+        return torch.frombuffer(raw, dtype=dtype).reshape(entry.shape).float()
 
 
 def streamed_dit(model_dir: str | os.PathLike, config: ModelConfig) -> nn.Module:
