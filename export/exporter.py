@@ -86,6 +86,8 @@ class ExportOptions:
         of loading it; None chooses by the DiT's size against RAM (export/lean_rule.py).
     consume_shards: (lean, one dtype) DELETE each checkpoint shard once streamed, for disks that cannot hold both
         the checkpoint and the graph's data; everything that reads the checkpoint runs before the streaming.
+    pipeline_class: serve the model as this diffusers class (None: ``model_index.json``'s); recorded.
+    text_encoder_dtype: the runtime's text-encoder dtype ("auto", "bfloat16", "float32"); recorded.
     """
 
     budgets: tuple[int, ...] = (1024,)
@@ -99,6 +101,8 @@ class ExportOptions:
     ort_fusions: bool = True
     lean: bool | None = None
     consume_shards: bool = False
+    pipeline_class: str | None = None
+    text_encoder_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
@@ -217,7 +221,7 @@ def export_dtypes(dtypes: tuple[str, ...], lean: bool) -> tuple[str, ...]:
 
 
 def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> _Run:
-    config = ModelConfig.from_diffusers_dir(model_dir)
+    config = ModelConfig.from_diffusers_dir(model_dir, options.pipeline_class, options.text_encoder_dtype)
     if config.text_encoder_dir and _is_inside(Path(config.text_encoder_dir), art):
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
