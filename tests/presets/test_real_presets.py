@@ -60,19 +60,45 @@ def _run(args: list[str], what: str) -> None:
     assert proc.returncode == 0, f"{what} failed ({proc.returncode}): {proc.stderr[-2000:]}"
 
 
-@pytest.fixture(scope="module", params=REAL_MODELS)
-def real_model(request, tmp_path_factory):
+# Every published config goes through the memory-lean export (the path a real 20B checkpoint takes); Edit-2511, the
+# zero_cond_t model, also through the regular one. Cases of one model are adjacent so its folder is built once.
+CASES = [("qwen-image-edit", "lean"), ("qwen-image-edit-2509", "lean"),
+         ("qwen-image-edit-2511", "regular"), ("qwen-image-edit-2511", "lean")]
+assert {name for name, _ in CASES} == set(REAL_MODELS)
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """Builds each real preset once, keeping only the model in use (each holds ~4 GB)."""
+    built: dict[str, object] = {}
+
+    def folder_for(name: str):
+        if name not in built:
+            for old in built.values():
+                shutil.rmtree(old, ignore_errors=True)
+            built.clear()
+            built[name] = tmp_path_factory.mktemp(name) / "model"
+            _run(["-m", "uniref_deploy.tools.cli", "preset", name, "--out", str(built[name])], "preset")
+        return built[name]
+
+    yield folder_for
+    for old in built.values():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def real_model(request, model_folders, tmp_path_factory):
     """(name, model folder, artifact folder) for one real config, exported through the CLI; removed afterwards."""
-    name = request.param
-    root = tmp_path_factory.mktemp(name)
-    folder = root / "model"
-    _run(["-m", "uniref_deploy.tools.cli", "preset", name, "--out", str(folder)], "preset")
-    art = root / "art"
+    name, mode = request.param
+    folder = model_folders(name)
+    art = tmp_path_factory.mktemp(f"{name}-{mode}") / "art"
     _run(["-m", "uniref_deploy.tools.cli", "export", str(folder), "--out", str(art), "--dtypes", "fp32",
-          "--no-validate", "--no-ort-fusions"], "export")
+          "--no-validate", "--no-ort-fusions", "--lean" if mode == "lean" else "--no-lean"], f"{mode} export")
+    if mode == "lean":
+        assert Manifest.load(art).stage("export").settings.get("lean"), "the export did not take the lean path"
     Manifest.load(art).with_budgets((REF_AREA,)).save(art)
     yield name, folder, art
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(art, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
