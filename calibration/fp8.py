@@ -22,10 +22,12 @@ import onnx
 
 from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.compare import compare
-from uniref_deploy.runtime.errors import CalibrationError
+from uniref_deploy.runtime.errors import CalibrationError, InputError
 from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text, sha256_file, sha256_json
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
+from uniref_deploy.runtime.packing import MIN_REFERENCE_SIDE
 
 from . import dataset as ds
 from .layers import attention_targets, find_layers, split_layers
@@ -36,6 +38,7 @@ from .report import bucket_accuracy, write_report
 logger = logging.getLogger(__name__)
 
 FP8_FILE = "onnx/dit.fp8.onnx"
+MIN_PIXELS = MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE  # a calibration sample holds at least one reference
 REPORT_DIR = "calibration"
 Progress = Callable[[str], None]
 
@@ -63,6 +66,16 @@ class CalibrationOptions:
     eval_steps: int = 28
     force: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise InputError(f"samples must be at least 1, got {self.samples!r}.")
+        if not isinstance(self.eval_steps, int) or self.eval_steps < 0:
+            raise InputError(f"eval_steps must be 0 or more, got {self.eval_steps!r}.")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < MIN_PIXELS:
+            raise InputError(f"max_pixels {self.max_pixels!r} is below {MIN_PIXELS} ({MIN_REFERENCE_SIDE}x"
+                             f"{MIN_REFERENCE_SIDE}), the smallest budget a reference fits.",
+                             f"use --max-side {MIN_REFERENCE_SIDE} or more.")
+
     def settings(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "force"}
 
@@ -73,6 +86,7 @@ def _say(progress: Progress | None, msg: str) -> None:
         progress(msg)
 
 
+@writes_artifacts("calibrate")
 def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | None = None) -> Manifest:
     """Calibrate the fp32 DiT of ``art_dir`` to FP8 and record it in the manifest.
 
@@ -93,8 +107,6 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     manifest = Manifest.load(art)
     fp32 = manifest.graph(DIT, "fp32")
     manifest.verify_files(art, (fp32.key,))
-    if options.samples < 1:
-        raise CalibrationError(f"--samples must be at least 1, got {options.samples}.")
     spec = ds.DatasetSpec(samples=options.samples, images=options.images, seed=options.seed,
                           max_pixels=options.max_pixels)
     inputs_sha = sha256_json({"dit": fp32.sha256, "options": options.settings(),

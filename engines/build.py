@@ -23,6 +23,7 @@ from pathlib import Path
 from uniref_deploy.runtime._lazy import is_available, require
 from uniref_deploy.runtime.errors import EngineBuildError, ManifestError, MissingDependencyError, UnirefError
 from uniref_deploy.runtime.fileio import atomic_path, sha256_file, sha256_json
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import EngineSpec, Manifest, StageRecord
 
 from .plan import BuildPlan, EnginePlan, save_plan
@@ -228,6 +229,7 @@ def build_engine(art_dir: str | os.PathLike, engine: EnginePlan, env: BuildEnvir
 # ---------------------------------------------------------------------------------------------------------
 
 
+@writes_artifacts("build")
 def build_engines(art_dir: str | os.PathLike, plan: BuildPlan, options: BuildOptions | None = None) -> Manifest:
     """Build every engine of ``plan`` (reusing up-to-date ones) and record them in the manifest.
 

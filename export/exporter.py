@@ -20,9 +20,11 @@ import numpy as np
 import onnx
 import torch
 
-from uniref_deploy.runtime.errors import ExportError, ManifestError
+from uniref_deploy.runtime.errors import ExportError, InputError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
+from uniref_deploy.runtime.generation import Staging
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import (
     ORT_VARIANT,
     GraphSpec,
@@ -74,9 +76,9 @@ class ExportOptions:
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
         if bad:
-            raise ExportError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
+            raise InputError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
         if self.opset < 17:
-            raise ExportError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
+            raise InputError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -109,6 +111,7 @@ def tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
 
 
+@writes_artifacts("export")
 def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
                 progress: Progress | None = None) -> Manifest:
     """Export, lint and validate; returns the updated manifest (also saved to ``art_dir``).
@@ -137,6 +140,8 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
         except ManifestError as err:
             say(f"export: re-running ({err.message})")
 
+    staging = Staging(art, "export")
+    art = staging.root  # every file of this run is written beside the live artifact; commit switches to it
     t_start = time.perf_counter()
     say(f"export: loading {model_dir}")
     transformer, vae = _load(model_dir)
@@ -229,13 +234,13 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
         results={"validation_passed": not failed, "graphs": len(lint),
                  "trt_lint_passed": all(v["passed"] for v in lint.values())},
     ))
-    manifest.save(art)
+    manifest = staging.commit(manifest)
     if failed:
         worst = max(failed, key=lambda r: r.result.rel_max)
         raise ExportError(
             f"Validation failed: {worst.graph} fp32 on '{worst.sample}' differs from torch by "
             f"{worst.result.rel_max:.2e} of scale (tolerance {FP32_TOLERANCE:g}).",
-            f"see {reports / 'export_validation.json'}.",
+            f"see {Path(art_dir) / 'reports' / 'export_validation.json'}.",
         )
     return manifest
 

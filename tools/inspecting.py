@@ -56,6 +56,21 @@ def inspect_artifacts(art: str | Path) -> dict:
     }
 
 
+def verify_artifacts(art: str | Path) -> list[dict]:
+    """Hash every file the manifest lists (graphs, external data, engines): one row ``{file, status}`` each,
+    status "ok", "damaged" or "missing".
+
+    Raises:
+        ManifestError: no readable manifest.
+    """
+    return [{"file": f, "status": s} for f, s in Manifest.load(art).file_status(art, engines=True)]
+
+
+def format_verify(rows: list[dict]) -> str:
+    """One line per file: status then path."""
+    return "\n".join(f"{r['status']:<8} {r['file']}" for r in rows) or "no files listed in the manifest"
+
+
 def _shape(spec: dict) -> str:
     return f"{spec['name']}:{spec['dtype']}[{','.join(map(str, spec['shape']))}]"
 
