@@ -50,6 +50,7 @@ from uniref_deploy.runtime.graphs import (
     VAE_ENCODER,
     WIDTH,
 )
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, TensorSpec
 from uniref_deploy.runtime.packing import (
     BUDGETS,
@@ -499,6 +500,7 @@ def make_plan(manifest: Manifest, budgets: Sequence[int], precisions: Sequence[s
     return BuildPlan(tuple(engines), options.timing_cache, tuple(skipped), options)
 
 
+@writes_artifacts("build")
 def save_plan(plan: BuildPlan, art_dir: str | Path) -> Path:
     """Write ``plan`` to ``ART/engines/plan.json`` atomically and return the path."""
     path = Path(art_dir) / PLAN_FILE

@@ -111,7 +111,7 @@ def tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
 
 
-@writes_artifacts("export")
+@writes_artifacts("export", create=True)
 def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
                 progress: Progress | None = None) -> Manifest:
     """Export, lint and validate; returns the updated manifest (also saved to ``art_dir``).

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import InputError, UnirefError
+from .errors import InputError, ManifestError, UnirefError
 from .fileio import TEMP_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,17 @@ class ArtifactLockedError(UnirefError):
     """Another process is writing the artifact folder (exit code 2)."""
 
 
-def writable_folder(art_dir: str | os.PathLike) -> Path:
-    """Create ``art_dir`` if needed and check it is a writable folder.
+def writable_folder(art_dir: str | os.PathLike, create: bool = True) -> Path:
+    """Check ``art_dir`` is a writable folder, creating it first when ``create`` is set.
 
     Raises:
         InputError: the path is a file, sits under a file, or cannot be created or written.
+        ManifestError: ``create`` is off and the folder does not exist.
     """
     root = Path(art_dir)
+    if not create and not root.is_dir():
+        raise ManifestError(f"'{root}' is not an artifact folder (it does not exist).",
+                            "pass a folder written by `uniref-deploy export` or `compile`.")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -57,14 +61,17 @@ def writable_folder(art_dir: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def artifact_lock(art_dir: str | os.PathLike, stage: str) -> Iterator[Path]:
-    """Hold the write lock of ``art_dir`` (created if needed) for ``stage``; yields the folder.
+def artifact_lock(art_dir: str | os.PathLike, stage: str, create: bool = False) -> Iterator[Path]:
+    """Hold the write lock of ``art_dir`` for ``stage``; yields the folder. With ``create`` (export) a missing
+    folder is made, and removed again if the stage leaves it empty.
 
     Raises:
         ArtifactLockedError: another process holds the lock.
         InputError: the folder cannot be created or written.
+        ManifestError: the folder does not exist and ``create`` is off.
     """
-    root = writable_folder(art_dir)
+    created = create and not Path(art_dir).exists()
+    root = writable_folder(art_dir, create)
     key = str(root.resolve())
     if key in _held:
         _held[key] += 1
@@ -100,6 +107,9 @@ def artifact_lock(art_dir: str | os.PathLike, stage: str) -> Iterator[Path]:
             del _held[key]
             remove_stale_temp(root)
             os.ftruncate(fd, 0)
+            if created and [p.name for p in root.iterdir()] == [LOCK_NAME]:  # a stage that wrote nothing
+                path.unlink()
+                root.rmdir()
     finally:
         os.close(fd)  # closing releases the flock
 
@@ -117,7 +127,7 @@ def holds_lock(art_dir: str | os.PathLike) -> bool:
     return str(Path(art_dir).resolve()) in _held
 
 
-def writes_artifacts(stage: str, arg: str = "art_dir") -> Callable[[F], F]:
+def writes_artifacts(stage: str, arg: str = "art_dir", create: bool = False) -> Callable[[F], F]:
     """Decorator: run the stage function under ``artifact_lock`` of its argument named ``arg``."""
 
     def wrap(fn: F) -> F:
@@ -126,7 +136,7 @@ def writes_artifacts(stage: str, arg: str = "art_dir") -> Callable[[F], F]:
         @functools.wraps(fn)
         def locked(*args, **kwargs):
             art = signature.bind_partial(*args, **kwargs).arguments[arg]
-            with artifact_lock(art, stage):
+            with artifact_lock(art, stage, create):
                 return fn(*args, **kwargs)
 
         return locked  # type: ignore[return-value]

@@ -124,6 +124,7 @@ class Pipeline:
             config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
         try:
+            _ = config.latent_channels, config.text_hidden_size  # read at every call: fail here instead
             return cls(config, backends, text, budgets=manifest.budgets or None)
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"The manifest's model config is unusable ({type(err).__name__}: {err}).",

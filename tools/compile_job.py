@@ -48,7 +48,7 @@ def format_summary(rows: list[StageSummary], art: Path) -> str:
     return "\n".join(lines)
 
 
-@writes_artifacts("compile")
+@writes_artifacts("compile", create=True)
 def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], precisions: Sequence[str],
                   say: Say, seed: int = 0, validate: bool = True, force: bool = False,
                   calibration_samples: int | None = None) -> tuple[Manifest, list[StageSummary]]:

@@ -67,7 +67,7 @@ class SweepReport:
             "wrong_exit0": sum(x.wrong_exit0 for x in o),
             "multi_line": sum(x.got == "multi-line" for x in o),
             "unexpected_refusals": sum(x.got == "refused" and x.expected == ACCEPT for x in o),
-            "kills": len(self.kills),
+            "kills": len(self.kills), "kills_hit": sum(k["killed"] for k in self.kills),
             "kills_verified": sum(k["state"] == "verified" for k in self.kills),
             "kills_refused_one_line": sum(k["state"] == "refused" for k in self.kills),
             "kills_bad": sum(k["state"] not in ("verified", "refused") for k in self.kills),
@@ -77,7 +77,7 @@ class SweepReport:
         bad = [f"{x.name}: expected {x.expected}, got {x.got} {x.detail}" for x in self.outcomes
                if x.got in ("traceback", "multi-line", "bad-output") or x.wrong_exit0
                or (x.got == "refused" and x.expected == ACCEPT)]
-        return bad + [f"kill {k['stage']}@{k['at']:.1f}s: {k['state']} {k['detail']}" for k in self.kills
+        return bad + [f"kill {k['stage']}@{k['at']}: {k['state']} {k['detail']}" for k in self.kills
                       if k["state"] not in ("verified", "refused")]
 
 
@@ -456,25 +456,43 @@ def _after_kill(art: Path, embeds: np.ndarray, images: dict[str, Path], referenc
     return "verified", f"{len(leftovers)} leftover temp path(s) before the next write stage"
 
 
-def kill_probes(art: Path, work: Path, embeds: np.ndarray, images: dict[str, Path], reference: np.ndarray,
-                fractions: tuple[float, ...] = (0.2, 0.55, 0.9)) -> list[dict]:
-    """Run each write stage once to time it, then SIGKILL it at ``fractions`` of that time on a fresh copy."""
+# Where each write stage is killed: at the first progress line containing the text (early, middle, late), or
+# (build --dry-run, which prints nothing until done) after that many seconds.
+KILL_POINTS: dict[str, tuple[str | float, ...]] = {
+    "export": ("export: loading", "export: vae_encoder fp32", "export: vae_decoder fp32"),
+    "calibrate": ("collecting ranges", "per-tensor weights", "accuracy run"),
+    "build": (1.0, 3.0, 6.0),
+}
+
+
+def _run_until(argv: list[str], point: str | float) -> tuple[bool, float]:
+    """Start ``argv``, SIGKILL it at ``point``; returns (whether the kill hit it, seconds since start)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if isinstance(point, float):
+        time.sleep(point)
+    else:
+        for line in proc.stderr:
+            if point in line:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return proc.returncode == -signal.SIGKILL, time.perf_counter() - t0
+
+
+def kill_probes(art: Path, work: Path, embeds: np.ndarray, images: dict[str, Path],
+                reference: np.ndarray) -> list[dict]:
+    """SIGKILL each write stage at its three ``KILL_POINTS`` on a fresh copy of ``art``, then check the copy."""
     rows = []
-    for stage in ("export", "calibrate", "build"):
-        copy = _copy(art, work, f"kill-{stage}")
-        t0 = time.perf_counter()
-        subprocess.run(_stage_argv(stage, copy), env=env, capture_output=True, check=False)
-        full = time.perf_counter() - t0
-        for frac in fractions:
+    for stage, points in KILL_POINTS.items():
+        for point in points:
             copy = _copy(art, work, f"kill-{stage}")
-            proc = subprocess.Popen(_stage_argv(stage, copy), env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            time.sleep(full * frac)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            killed, seconds = _run_until(_stage_argv(stage, copy), point)
             state, detail = _after_kill(copy, embeds, images, reference)
-            rows.append({"stage": stage, "at": full * frac, "of": full, "state": state, "detail": detail})
+            rows.append({"stage": stage, "at": point, "killed": killed, "seconds": round(seconds, 1), "state": state,
+                         "detail": detail})
     return rows
 
 
@@ -515,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in report.failures():
         print("FAIL", line)
     for k in report.kills:
-        print(f"kill {k['stage']:<9} at {k['at']:5.1f}/{k['of']:5.1f} s: {k['state']:<9} {k['detail']}")
+        print(f"kill {k['stage']:<9} at {k['at']!r:<28} ({k['seconds']:5.1f} s): {k['state']:<9} {k['detail']}")
     print(json.dumps({**report.counts(), "seconds": round(time.perf_counter() - t0, 1)}))
     return 1 if report.failures() else 0
 

@@ -122,7 +122,7 @@ ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(
                 st.text(max_size=5), st.lists(st.integers(), max_size=2), st.just(np.zeros((2, 2))))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_only_uniref_errors_escape(pipe, embeds, image_path, data):
     """Random mixes of valid and invalid values for every argument: the call returns or raises a UnirefError."""
