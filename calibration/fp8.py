@@ -24,6 +24,7 @@ from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.compare import compare
 from uniref_deploy.runtime.errors import CalibrationError, InputError
 from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text, sha256_file, sha256_json
+from uniref_deploy.runtime.generation import Staging
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
@@ -158,8 +159,9 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
             best = (per_channel, candidate, float(np.mean(cos)))
     per_channel, fp8_model, _ = best
 
-    # 4. write and check
-    out = art / FP8_FILE
+    # 4. write and check (beside the live artifact: the manifest switches to it last)
+    staging = Staging(art, "calibrate")
+    out = staging.root / FP8_FILE
     with atomic_path(out) as tmp:
         onnx.save(fp8_model, str(tmp))
         try:
@@ -173,7 +175,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     buckets_report = []
     if options.eval_steps > 0:
         staged = manifest.with_graph(spec8)
-        with OrtBackend(fp32, art) as b32, OrtBackend(spec8, art) as b8, \
+        with OrtBackend(fp32, art) as b32, OrtBackend(spec8, staging.root) as b8, \
                 OrtBackend(manifest.graph(VAE_DECODER, "fp32"), art) as dec:
             for bucket in calset.buckets:
                 _say(progress, f"calibrate: {options.eval_steps}-step accuracy run, bucket {int(bucket ** 0.5)}²")
@@ -219,7 +221,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
                                   "dataset_feeds_sha256": ds.feeds_digest(samples)}, seconds,
         _versions(), {"figures": figures, "alternatives": tried,
                       "report": str(report_png.relative_to(art)) if report_png else str(report_json.relative_to(art))}))
-    manifest.save(art)
+    manifest = staging.commit(manifest)
     _say(progress, f"calibrate: wrote {FP8_FILE} ({sizes['fp8_file_bytes'] / 2**20:.2f} MiB) in {seconds:.1f} s")
     return manifest
 
