@@ -145,7 +145,8 @@ def writes_artifacts(stage: str, arg: str = "art_dir", create: bool = False) -> 
 
 
 def remove_stale_temp(root: Path) -> list[Path]:
-    """Remove temp files/folders (``TEMP_PREFIX``) under ``root`` and staging folders the manifest does not use.
+    """Remove temp files/folders (``TEMP_PREFIX``) in ``root`` and its subfolders, and staging folders the manifest
+    does not use.
 
     Only call with the lock held: then no other writer can own them. Returns what was removed.
     """
@@ -164,7 +165,8 @@ def remove_stale_temp(root: Path) -> list[Path]:
             else:
                 target.unlink(missing_ok=True)
             removed.append(target)
-        dirnames[:] = [d for d in dirnames if (here / d).exists() and not (here / d).is_symlink()]
+        depth = len(here.relative_to(root).parts)  # stages write at most one folder deep (onnx/, engines/, ...)
+        dirnames[:] = [d for d in dirnames if depth < 1 and (here / d).exists() and not (here / d).is_symlink()]
     if removed:
         logger.info("removed %d leftover temporary file(s) under %s", len(removed), root)
     return removed

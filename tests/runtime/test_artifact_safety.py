@@ -41,9 +41,9 @@ def _embeds(art: Path) -> np.ndarray:
 
 
 def _edit(art: Path) -> np.ndarray:
+    """A text-to-image call (every graph is still verified at load; a reference would cost a 1 MP VAE encode)."""
     pipe = Pipeline.from_artifacts(art, load_text_encoder=False)
-    image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    return pipe(prompt_embeds=_embeds(art), image=image, **KW)
+    return pipe(prompt_embeds=_embeds(art), image=[], **KW)
 
 
 def _data_file(art: Path, name: str) -> Path:
@@ -244,7 +244,7 @@ main(["export", sys.argv[3], "--out", sys.argv[4], "--dtypes", "fp32", "--no-val
 """
 
 
-@pytest.mark.parametrize(("target", "after"), [("export_graph", 1), ("export_graph", 2), ("_link_over", 3)],
+@pytest.mark.parametrize(("target", "after"), [("export_graph", 1), ("export_graph", 2), ("_link_over", 1)],
                          ids=["after-dit", "after-encoder", "mid-switch"])
 def test_interrupted_forced_reexport_leaves_a_working_artifact(art, target, after):
     """SIGKILL after some new graphs are written (or halfway through the switch): the artifact still verifies
