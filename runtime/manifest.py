@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from .errors import ManifestError, UnirefError
 from .fileio import atomic_write_text, sha256_file
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -94,18 +97,36 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """One TensorRT plan: a (graph, bucket, precision) with its provenance."""
+    """One TensorRT plan: one graph at one precision with one optimization profile per bucket, and provenance.
+
+    ``budgets`` are pixel counts; ``budgets[i]`` is the bucket of optimization profile ``i``.
+    """
 
     graph: str
-    budget: int
     precision: str
     file: str
     sha256: str
+    budgets: tuple[int, ...]
     provenance: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.graph}.{self.precision}"
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineSpec:
-        return cls(d["graph"], int(d["budget"]), d["precision"], d["file"], d["sha256"], dict(d.get("provenance", {})))
+        return cls(d["graph"], d["precision"], d["file"], d["sha256"], tuple(int(b) for b in d["budgets"]),
+                   dict(d.get("provenance", {})))
+
+
+def _migrate_engines(records: list[dict]) -> list[dict]:
+    """Drop engine records of the one-engine-per-bucket layout (a ``budget`` key, no ``budgets``): those plans
+    hold one profile each and are replaced by one engine per precision; ``uniref-deploy build`` rebuilds them."""
+    kept = [r for r in records if "budget" not in r or "budgets" in r]
+    if len(kept) < len(records):
+        logger.warning("dropped %d per-bucket TensorRT engine record(s) of an older layout; re-run "
+                       "`uniref-deploy build` for one engine per precision", len(records) - len(kept))
+    return kept
 
 
 @dataclass(frozen=True)
@@ -259,7 +280,7 @@ class Manifest:
                 model=ModelConfig.from_dict(d["model"]),
                 budgets=tuple(int(b) for b in d.get("budgets", ())),
                 graphs=tuple(GraphSpec.from_dict(g) for g in d.get("graphs", ())),
-                engines=tuple(EngineSpec.from_dict(e) for e in d.get("engines", ())),
+                engines=tuple(EngineSpec.from_dict(e) for e in _migrate_engines(list(d.get("engines", ())))),
                 stages=tuple(StageRecord.from_dict(s) for s in d.get("stages", ())),
                 schema_version=version,
             )

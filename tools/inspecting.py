@@ -42,7 +42,7 @@ def inspect_artifacts(art: str | Path) -> dict:
                        "bytes": size, "present": (art / g.file).is_file(), "sha256": g.sha256,
                        "inputs": _axes(g.inputs), "outputs": _axes(g.outputs), "info": g.info})
     buckets = [{"side": int(round(b ** 0.5)), "pixels": b, "max_image_tokens": 2 * b // 256} for b in m.budgets]
-    engines = [{"graph": e.graph, "budget": e.budget, "precision": e.precision, "file": e.file,
+    engines = [{"graph": e.graph, "precision": e.precision, "file": e.file, "budgets": list(e.budgets),
                 "present": (art / e.file).is_file(), "provenance": e.provenance} for e in m.engines]
     calibration = next((c for c in (_read_json(art / p) for p in CALIBRATION_REPORTS) if c is not None), None)
     return {
@@ -89,6 +89,12 @@ def format_verify(rows: list[dict]) -> str:
     return "\n".join(f"{r['status']:<8} {r['file']}" for r in rows) or "no files listed in the manifest"
 
 
+def _bucket(pixels: object) -> str:
+    from uniref_deploy.runtime.budget import Budget
+
+    return f"b{Budget.from_pixels(pixels).name}" if isinstance(pixels, int) and pixels > 0 else "?"
+
+
 def _shape(spec: dict) -> str:
     return f"{spec['name']}:{spec['dtype']}[{','.join(map(str, spec['shape']))}]"
 
@@ -114,8 +120,9 @@ def format_text(info: dict) -> str:
                                  for b in info["buckets"]]
     lines += ["", "engines:" + ("" if info["engines"] else " none built")]
     for e in info["engines"]:
-        lines.append(f"  {e['graph']:<12} b{e['budget']} {e['precision']:<5} {e['file']} "
-                     f"{'' if e['present'] else 'MISSING '}{_short(e['provenance'], 70)}")
+        lines.append(f"  {e['graph']:<12} {e['precision']:<5} {e['file']} {'' if e['present'] else 'MISSING '}"
+                     f"profiles {', '.join(_bucket(b) for b in e['budgets'])}")
+        lines.append(f"      {_short({k: v for k, v in e['provenance'].items() if k != 'profiles'}, 100)}")
     val = info["validation"]
     lines += ["", "validation: " + ("none" if val is None else "")]
     if isinstance(val, dict):
@@ -137,9 +144,11 @@ def format_text(info: dict) -> str:
     if plan is None:
         lines += ["", "engine plan: none (engines/plan.json absent)"]
     else:
-        items = plan.get("engines", plan.get("items", [])) if isinstance(plan, dict) else plan
+        items = plan.get("engines", []) if isinstance(plan, dict) else []
         lines += ["", f"engine plan: {len(items)} engine(s) planned"]
         for it in items[:20]:
-            lines.append(f"  {_short({k: it[k] for k in it if k in ('graph', 'budget', 'precision', 'file')}, 100)}"
-                         if isinstance(it, dict) else f"  {_short(it)}")
+            lines.append(f"  {it.get('engine_file', '?')} from {it.get('onnx_file', '?')}")
+            for i, prof in enumerate(it.get("profiles", [])):
+                axes = ", ".join(f"{a} {r['min']}/{r['opt']}/{r['max']}" for a, r in prof.get("axes", {}).items())
+                lines.append(f"      profile {i}: {_bucket(prof.get('budget'))}: {axes}")
     return "\n".join(lines)

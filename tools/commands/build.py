@@ -1,10 +1,10 @@
-"""`uniref-deploy build ART`: plan TensorRT engines per (bucket x precision) and build them, or print the plan."""
+"""`uniref-deploy build ART`: plan one TensorRT engine per (graph x precision) with a profile per bucket, and build
+them, or print the plan."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import click
 
@@ -41,25 +41,19 @@ def _parse_bytes(text: str | None) -> int | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the built engines) as JSON.")
 def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget, refittable, force, dry_run,
             as_json) -> None:
-    """Build one TensorRT engine per (bucket x precision) for the artifacts in ART_DIR."""
-    from uniref_deploy.engines.plan import (
-        PRECISIONS,
-        PlanOptions,
-        format_table,
-        make_plan,
-        polygraphy_commands,
-        save_plan,
-    )
+    """Build one TensorRT engine per (graph x precision), one profile per bucket, for the artifacts in ART_DIR."""
+    from uniref_deploy.engines.plan import PRECISIONS, PlanOptions, make_plan, save_plan
+    from uniref_deploy.engines.render import format_table, polygraphy_commands
+    from uniref_deploy.runtime.budget import Budget, trained_budgets
     from uniref_deploy.runtime.errors import MissingDependencyError
     from uniref_deploy.runtime.manifest import Manifest
-    from uniref_deploy.runtime.packing import BUDGETS, budget_pixels
     from uniref_deploy.tools.options import parse_budgets, parse_list
 
     manifest = Manifest.load(art_dir)
     if budgets is not None:
-        sides = parse_budgets(budgets)
+        sides = tuple(Budget.from_side(s) for s in parse_budgets(budgets))
     else:
-        sides = tuple(math.isqrt(budget_pixels(b)) for b in manifest.budgets) or tuple(BUDGETS)[:1]
+        sides = tuple(Budget.coerce(b) for b in manifest.budgets) or trained_budgets()[:1]
     options = PlanOptions(builder_optimization_level=opt_level, refittable=refittable,
                           weight_streaming_budget=_parse_bytes(weight_streaming_budget))
     plan = make_plan(manifest, sides, parse_list(precision_list, PRECISIONS, "--precision"), options)
@@ -81,7 +75,7 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
         raise MissingDependencyError(f"Cannot build TensorRT engines: {reason}.",
                                      "`uniref-deploy build ART --dry-run` prints the plan and polygraphy commands.")
     if not plan.engines:
-        reasons = "; ".join(f"{s.graph}.b{s.budget}.{s.precision}: {s.reason}" for s in plan.skipped)
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped)
         raise InputError(f"Nothing to build ({reasons}).")
     manifest = build_engines(art_dir, plan, BuildOptions(force=force))
     record = manifest.stage("build")
@@ -92,9 +86,10 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
         return
     for e in engines:
         p = e.provenance
-        click.echo(f"{e.file}  {p['engine_bytes'] / 2**20:9.1f} MiB  {p['build_seconds']:7.1f} s  "
+        profiles = ",".join(Budget.from_pixels(b).name for b in e.budgets)
+        click.echo(f"{e.file}  profiles {profiles}  {p['engine_bytes'] / 2**20:9.1f} MiB  {p['build_seconds']:7.1f} s  "
                    f"TensorRT {p['tensorrt_version']} sm {p['compute_capability']}")
     for s in plan.skipped:
-        click.echo(f"skipped {s.graph}.b{s.budget}.{s.precision}: {s.reason}")
+        click.echo(f"skipped {s.name}: {s.reason}")
     click.echo(f"built {len(record.results['built'])}, reused {len(record.results['reused'])} "
                f"in {record.seconds:.1f} s")
