@@ -462,7 +462,7 @@ def _after_kill(art: Path, embeds: np.ndarray, images: dict[str, Path], referenc
 KILL_POINTS: dict[str, tuple[str | float, ...]] = {
     "export": ("export: loading", "export: vae_encoder fp32", "export: vae_decoder fp32"),
     "calibrate": ("collecting ranges", "per-tensor weights", "accuracy run"),
-    "build": (0.3, 0.6, 0.9),
+    "build": (0.2, 0.45, 0.7),
 }
 
 
