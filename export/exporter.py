@@ -30,9 +30,11 @@ import numpy as np
 import onnx
 import torch
 
-from uniref_deploy.runtime.errors import ExportError, ManifestError
+from uniref_deploy.runtime.errors import ExportError, InputError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
+from uniref_deploy.runtime.generation import Staging
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import (
     ORT_VARIANT,
     GraphSpec,
@@ -107,14 +109,14 @@ class ExportOptions:
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
         if bad:
-            raise ExportError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
+            raise InputError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
         if self.opset < 17:
-            raise ExportError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
+            raise InputError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
         if self.consume_shards and (self.lean is False or len(set(self.dtypes) - {"fp32"}) > 1):
-            raise ExportError("consume_shards needs a lean export of one precision.",
+            raise InputError("consume_shards needs a lean export of one precision.",
                               "pass --lean and a single --dtypes value.")
         if self.validation_area is not None and self.validation_area < 64 * 64:
-            raise ExportError(f"validation area {self.validation_area} px is too small.",
+            raise InputError(f"validation area {self.validation_area} px is too small.",
                               "give at least 4096 pixels (64x64), e.g. --validation-area 262144.")
 
 
@@ -196,6 +198,7 @@ def tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
 
 
+@writes_artifacts("export", create=True)
 def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
                 progress: Progress | None = None) -> Manifest:
     """Export, lint and validate; returns the updated manifest (also saved to ``art_dir``).
@@ -207,12 +210,15 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
     run = _plan(Path(model_dir), Path(art_dir), options, progress or (lambda msg: logger.info(msg)))
     if _unchanged(run):
         return run.manifest
+    live = run.art
+    staging = Staging(live, "export")
+    run.art = staging.root  # every file of this run is written beside the live artifact; _finish switches to it
     _load_references(run)
     _fp16_islands(run)
     for precision in run.dtypes:
         for job in _jobs(run, precision):
             _export_job(run, job)
-    return _finish(run)
+    return _finish(run, staging, live)
 
 
 def export_dtypes(dtypes: tuple[str, ...], lean: bool) -> tuple[str, ...]:
@@ -452,8 +458,9 @@ def _validations(run: _Run, job: GraphJob, path: Path, names: list[str], graph: 
     return out
 
 
-def _finish(run: _Run) -> Manifest:
-    """Reports, the stage record and the manifest; raises when an fp32 graph missed its tolerance."""
+def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
+    """Reports, the stage record and the manifest switch (``staging`` -> ``live``); raises when an fp32 graph
+    missed its tolerance."""
     reports = run.art / "reports"
     atomic_write_text(reports / "trt_lint.json", json.dumps(run.lint, indent=2))
     rows = run.rows
@@ -472,7 +479,8 @@ def _finish(run: _Run) -> Manifest:
                      "graphs": len(run.lint), "lean": run.lean,
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
-    run.manifest.save(run.art)
+    run.manifest = staging.commit(run.manifest)
+    reports = live / "reports"
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
                           f"see {reports / 'export_validation.json'}; run with -vv for the export trace.")

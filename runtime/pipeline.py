@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
+import numbers
+import operator
 import os
 import time
 from collections import OrderedDict
@@ -23,12 +26,12 @@ from PIL import Image
 
 from . import latents as lat
 from .backends.base import Backend, backend_factory
-from .errors import InputError
+from .errors import InputError, ManifestError
 from .graphs import DIT, VAE_DECODER, VAE_ENCODER
 from .images import from_model_output, load_images, to_model_input, to_pil
 from .manifest import Manifest, ModelConfig
 from .model_checks import resolve_pipeline_class
-from .packing import POLICIES, PackedLayout, budget_pixels, pack_references
+from .packing import BUDGETS, POLICIES, PackedLayout, budget_pixels, pack_references
 from .pipeline_classes import EDIT_PLUS
 from .pipeline_classes import pipeline_class as pipeline_class_info
 from .rope import RopeCache, RopeConfig, modulation_index
@@ -137,13 +140,18 @@ class Pipeline:
         if config.text_encoder_dir and not Path(config.text_encoder_dir).is_absolute():
             config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
-        return cls(config, backends, text, budgets=manifest.budgets or None)
+        try:
+            _ = config.latent_channels, config.text_hidden_size  # read at every call: fail here instead
+            return cls(config, backends, text, budgets=manifest.budgets or None)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"The manifest's model config is unusable ({type(err).__name__}: {err}).",
+                                "the manifest is damaged; re-run the export.") from err
 
     # ---- the call -----------------------------------------------------------------------------------------
     def __call__(
         self,
         prompt: str | None = None,
-        image: Sequence | None = None,
+        image: Sequence | str | os.PathLike | Image.Image | np.ndarray | None = None,
         negative_prompt: str | None = None,
         true_cfg_scale: float = 4.0,
         num_inference_steps: int = 50,
@@ -163,14 +171,18 @@ class Pipeline:
         """Edit: returns a PIL image, or float32 HWC in [0, 1] with ``output_type="np"``, or packed latents
         [1, S_target, 4z] with ``output_type="latent"``.
 
-        Zero references is plain text-to-image generation and needs ``width`` and ``height``.
+        Zero references is plain text-to-image generation and needs ``width`` and ``height``. ``image`` is a list
+        of references (paths, PIL images, HWC arrays) or a single one. Every argument is checked before any model
+        runs; a bad one raises ``InputError``.
         """
         t_start = time.perf_counter()
         times = StageTimes()
         # 1. check inputs, read the references
         self.check_inputs(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
-                          policy, output_type, budget)
-        images = load_images(image or [])
+                          policy, output_type, budget, true_cfg_scale=true_cfg_scale, seed=seed, width=width,
+                          height=height, latents=latents, prompt_embeds_mask=prompt_embeds_mask,
+                          negative_prompt_embeds_mask=negative_prompt_embeds_mask, callback=callback)
+        images = load_images(image)
         self._check_references(len(images))
         do_cfg = true_cfg_scale > 1.0 and (negative_prompt is not None or negative_prompt_embeds is not None)
 
@@ -179,6 +191,11 @@ class Pipeline:
         layout = pack_references([im.size for im in images], budget_pixels(budget), policy, width, height)
         self.last_layout = layout
         times.pack_rope += time.perf_counter() - t0
+        z = self.config.latent_channels
+        latents = None if latents is None else np.asarray(latents, dtype=np.float32)
+        if latents is not None and latents.shape != (1, layout.num_target_tokens, 4 * z):
+            raise InputError(f"latents have shape {latents.shape}, expected (1, {layout.num_target_tokens}, {4 * z}) "
+                             "for this layout.")
 
         # 3. text conditioning
         t0 = time.perf_counter()
@@ -194,14 +211,11 @@ class Pipeline:
         times.vae_encode = time.perf_counter() - t0
 
         # 5. initial latents
-        z = self.config.latent_channels
         tgt = layout.target
         n_target = layout.num_target_tokens
         if latents is None:
             latents = lat.initial_noise(seed, z, tgt.latent_h, tgt.latent_w)
-        elif latents.shape != (1, n_target, 4 * z):
-            raise InputError(f"latents have shape {latents.shape}, expected (1, {n_target}, {4 * z}) for this layout.")
-        latents = latents.astype(np.float32)
+        latents = np.asarray(latents, dtype=np.float32)
 
         # 6. RoPE tables and the static DiT feeds
         t0 = time.perf_counter()
@@ -245,26 +259,71 @@ class Pipeline:
 
     # ---- steps --------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, steps, policy,
-                     output_type, budget) -> None:
-        """Reject inconsistent or unsupported arguments with a one-line message."""
+                     output_type, budget, *, true_cfg_scale: float = 4.0, seed: int | None = None,
+                     width: int | None = None, height: int | None = None, latents=None, prompt_embeds_mask=None,
+                     negative_prompt_embeds_mask=None, callback=None) -> None:
+        """Reject inconsistent or unsupported arguments with a one-line ``InputError``, before any model runs.
+
+        Shapes that depend on the packed layout (``latents``) are checked right after packing, still before any
+        model runs.
+        """
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("Pass exactly one of prompt and prompt_embeds.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise InputError("Pass at most one of negative_prompt and negative_prompt_embeds.")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}.", "run one prompt per call.")
-        if not isinstance(steps, int) or steps < 1:
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and not isinstance(text, str):
+                raise InputError(f"{name} must be a string, got {type(text).__name__}.", "run one prompt per call.")
+        if not _is_int(steps) or steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}.")
-        if policy not in POLICIES:
-            raise InputError(f"Unknown packing policy '{policy}'.", f"use one of {', '.join(POLICIES)}.")
-        if output_type not in ("pil", "np", "latent"):
-            raise InputError(f"Unknown output_type '{output_type}'.", "use 'pil', 'np' or 'latent'.")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise InputError(f"Unknown packing policy {policy!r}.", f"use one of {', '.join(POLICIES)}.")
+        if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
+            raise InputError(f"Unknown output_type {output_type!r}.", "use 'pil', 'np' or 'latent'.")
+        if isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real) \
+                or not math.isfinite(true_cfg_scale):
+            raise InputError(f"true_cfg_scale must be a finite number, got {true_cfg_scale!r}.", "e.g. 4.0.")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+            raise InputError(f"seed must be None or an integer in [0, 2**63), got {seed!r}.")
+        for name, side in (("width", width), ("height", height)):
+            if side is not None and (not _is_int(side) or side < 1):
+                raise InputError(f"{name} must be None or a positive integer, got {side!r}.")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {type(callback).__name__}.")
+        if latents is not None:
+            _finite_array("latents", latents, ndim=3)
+        for name, embeds, mask in (("prompt_embeds", prompt_embeds, prompt_embeds_mask),
+                                   ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask)):
+            if embeds is None and mask is not None:
+                raise InputError(f"{name}_mask was given without {name}.")
+            if embeds is not None:
+                self._check_embeds(name, embeds, mask)
+        if budget_pixels(budget) > max(BUDGETS.values()):
+            raise InputError(f"Budget {budget} is beyond the largest trained budget ({max(BUDGETS)}^2 px).",
+                             f"use one of {', '.join(map(str, BUDGETS))}.")
         if self.budgets is not None and budget_pixels(budget) not in self.budgets:
             have = ", ".join(f"{int(round(b ** 0.5))}" for b in self.budgets)
             raise InputError(
                 f"Budget {budget} was not compiled into these artifacts (compiled: {have}).",
                 f"use one of {have}, or re-run the export with --budgets including it.",
             )
+
+    def _check_embeds(self, name: str, embeds, mask) -> None:
+        arr = _finite_array(name, embeds)
+        d = self.config.text_hidden_size
+        shape = arr.shape if arr.ndim != 2 else (1, *arr.shape)
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != d or shape[1] < 1:
+            raise InputError(f"{name} have shape {arr.shape}, expected (1, L, {d}) or (L, {d}).")
+        limit = self.pipeline_class.max_text_tokens
+        if shape[1] > limit:
+            raise InputError(f"{name} have {shape[1]} tokens, over the limit of {limit}.",
+                             "shorten the prompt.")
+        if mask is not None:
+            m = _array(f"{name}_mask", mask)
+            if m.size != shape[1] or m.shape not in (shape[:2], shape[1:2]):
+                raise InputError(f"{name}_mask has shape {m.shape}, expected {shape[:2]}.")
+            if m.dtype.kind not in "biu" or not m.any():
+                raise InputError(f"{name}_mask must be boolean (or 0/1) with at least one True.")
 
     def _check_references(self, count: int) -> None:
         """Refuse a reference count the pipeline class does not take (Qwen-Image-Edit: exactly one)."""
@@ -318,6 +377,37 @@ class Pipeline:
     def close(self) -> None:
         for b in self.backends.values():
             b.deactivate()
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _array(name: str, value) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{name} is not an array ({err}).") from None
+    if arr.dtype == object:
+        raise InputError(f"{name} is not a numeric array.")
+    return arr
+
+
+def _finite_array(name: str, value, ndim: int | None = None) -> np.ndarray:
+    arr = _array(name, value)
+    if arr.dtype.kind not in "fiu" or (ndim is not None and arr.ndim != ndim):
+        raise InputError(f"{name} must be a float array" + (f" of rank {ndim}" if ndim else "")
+                         + f", got dtype {arr.dtype} shape {arr.shape}.")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} holds NaN or infinite values.")
+    return arr
 
 
 def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:

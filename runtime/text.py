@@ -34,11 +34,14 @@ __all__ = ["CONDITION_IMAGE_AREA", "MAX_TEXT_TOKENS", "QwenPromptEncoder", "cond
 
 
 def condition_images(images: Sequence[Image.Image], area: int = CONDITION_IMAGE_AREA) -> list[Image.Image]:
-    """Resize each reference to ``area`` pixels (sides multiples of 32, aspect kept) for the vision tower."""
+    """Resize each reference to ``area`` pixels (sides multiples of 32, aspect kept) for the vision tower.
+
+    A side never rounds below 32 (it could only for aspects beyond ``packing.MAX_ASPECT`` or tiny areas).
+    """
     out = []
     for img in images:
         w, h = calculate_dimensions(area, img.width / img.height)
-        out.append(resize(img, w, h))
+        out.append(resize(img, max(w, 32), max(h, 32)))
     return out
 
 

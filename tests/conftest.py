@@ -93,6 +93,19 @@ def copy_artifacts(tiny_artifacts: Path, tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_external_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset exported fp32 with every graph's weights in a ``.onnx.data`` file (as models over 2 GB
+    have), no validation, no ORT fusions; the model sits in ``ART/source``. ~40 s. Copy it before writing."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("diffusers")
+    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.tools.reliability_sweep import build_artifact
+
+    art = tmp_path_factory.mktemp("external") / "art"
+    return build_artifact(art, build_preset("tiny", art / "source", seed=0))
+
+
 # --- the TensorRT stand-in (tests/fakes) --------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from uniref_deploy.runtime.errors import CheckFailed, InputError
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import Manifest, StageRecord
 from uniref_deploy.tools.model_source import PRESET_NAMES
 
@@ -47,6 +48,7 @@ def format_summary(rows: list[StageSummary], art: Path) -> str:
     return "\n".join(lines)
 
 
+@writes_artifacts("compile", create=True)
 def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], precisions: Sequence[str],
                   say: Say, seed: int = 0, validate: bool = True, force: bool = False,
                   calibration_samples: int | None = None) -> tuple[Manifest, list[StageSummary]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from uniref_deploy.runtime.packing import MIN_REFERENCE_SIDE
+
 
 @click.command("calibrate")
 @click.argument("art_dir", type=click.Path(file_okay=False))
@@ -17,7 +19,7 @@ import click
               help="Weight scales per output channel or per tensor (default: measure both, keep the better).")
 @click.option("--steps", "eval_steps", type=click.IntRange(min=0), default=28, show_default=True,
               help="Denoising steps of the accuracy report (0 skips it).")
-@click.option("--max-side", type=click.IntRange(min=64), default=512, show_default=True,
+@click.option("--max-side", type=click.IntRange(min=MIN_REFERENCE_SIDE), default=512, show_default=True,
               help="Pack calibration samples into at most SIDE x SIDE pixels (keeps CPU sequences short).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draws.")
 @click.option("--force", is_flag=True, help="Recalibrate even when the inputs are unchanged.")
