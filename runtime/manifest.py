@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from .budget import Budget
+from .errors import ManifestError, UnirefError
 from .fileio import atomic_write_text, sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: engine budgets in pixels (v1: sides), text_encoder_dir relative to the artifact folder
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "bool")
 
@@ -85,18 +86,25 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """One TensorRT plan: a (graph, bucket, precision) with its provenance."""
+    """One TensorRT plan: a (graph, bucket, precision) with its provenance; ``budget`` is stored in pixels."""
 
     graph: str
-    budget: int
+    budget: Budget
     precision: str
     file: str
     sha256: str
     provenance: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", Budget.coerce(self.budget))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "budget": self.budget.pixels}
+
     @classmethod
     def from_dict(cls, d: dict) -> EngineSpec:
-        return cls(d["graph"], int(d["budget"]), d["precision"], d["file"], d["sha256"], dict(d.get("provenance", {})))
+        return cls(d["graph"], Budget.from_pixels(int(d["budget"])), d["precision"], d["file"], d["sha256"],
+                   dict(d.get("provenance", {})))
 
 
 @dataclass(frozen=True)
@@ -187,11 +195,19 @@ class Manifest:
     """The artifact directory's contents; immutable, updated with ``replace``-style helpers."""
 
     model: ModelConfig
-    budgets: tuple[int, ...] = ()
+    budgets: tuple[Budget, ...] = ()
     graphs: tuple[GraphSpec, ...] = ()
     engines: tuple[EngineSpec, ...] = ()
     stages: tuple[StageRecord, ...] = ()
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
+
+    @property
+    def largest_budget(self) -> Budget | None:
+        """The largest compiled budget (None when none was recorded)."""
+        return max(self.budgets, default=None)
 
     # ---- lookups -------------------------------------------------------------------------------------------
     def graph(self, name: str, precision: str = "fp32", variant: str = "") -> GraphSpec:
@@ -227,18 +243,24 @@ class Manifest:
         kept = tuple(s for s in self.stages if s.stage != record.stage)
         return dataclasses.replace(self, stages=(*kept, record))
 
-    def with_budgets(self, budgets: tuple[int, ...]) -> Manifest:
-        return dataclasses.replace(self, budgets=tuple(sorted(set(budgets))))
+    def with_budgets(self, budgets: tuple[Budget | int, ...]) -> Manifest:
+        """Record ``budgets`` (an int is a pixel count or a trained side, as in ``Budget.coerce``)."""
+        return dataclasses.replace(self, budgets=tuple(sorted({Budget.coerce(b) for b in budgets})))
 
     # ---- (de)serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["budgets"] = [b.pixels for b in self.budgets]
+        d["engines"] = [e.to_dict() for e in self.engines]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
+        """A manifest from its JSON dict; older schema versions are upgraded first (:func:`migrate`)."""
+        d = migrate(d)
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ManifestError(
@@ -248,7 +270,7 @@ class Manifest:
         try:
             return cls(
                 model=ModelConfig.from_dict(d["model"]),
-                budgets=tuple(int(b) for b in d.get("budgets", ())),
+                budgets=tuple(Budget.from_pixels(int(b)) for b in d.get("budgets", ())),
                 graphs=tuple(GraphSpec.from_dict(g) for g in d.get("graphs", ())),
                 engines=tuple(EngineSpec.from_dict(e) for e in d.get("engines", ())),
                 stages=tuple(StageRecord.from_dict(s) for s in d.get("stages", ())),
@@ -256,6 +278,8 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"Manifest is malformed: missing or bad field {err}.", "re-run the export.") from err
+        except UnirefError as err:
+            raise ManifestError(f"Manifest is malformed: {err.message}", "re-run the export.") from err
 
     @classmethod
     def load(cls, art_dir: str | os.PathLike) -> Manifest:
@@ -269,12 +293,17 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ManifestError(f"'{path}' is not valid JSON ({err}).", "the file is damaged; re-run the export.") from err
-        return cls.from_dict(data)
+        return cls.from_dict(data).with_text_encoder_dir(_absolute(art_dir, data))
 
     def save(self, art_dir: str | os.PathLike) -> Path:
+        """Write ``manifest.json`` atomically; ``text_encoder_dir`` is stored relative to ``art_dir``."""
         path = Path(art_dir) / MANIFEST_NAME
-        atomic_write_text(path, self.to_json() + "\n")
+        saved = self.with_text_encoder_dir(_relative(art_dir, self.model.text_encoder_dir))
+        atomic_write_text(path, saved.to_json() + "\n")
         return path
+
+    def with_text_encoder_dir(self, folder: str | None) -> Manifest:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, text_encoder_dir=folder))
 
     def verify_files(self, art_dir: str | os.PathLike, names: tuple[str, ...] | None = None) -> None:
         """Check that each graph file exists and matches its recorded sha256.
@@ -294,3 +323,41 @@ class Manifest:
                     f"Graph file '{f}' does not match the sha256 recorded in the manifest (damaged or replaced).",
                     "re-run `uniref-deploy export` to regenerate it.",
                 )
+
+
+# ---- paths of the source model ----------------------------------------------------------------------------------
+
+
+def _relative(art_dir: str | os.PathLike, folder: str | None) -> str | None:
+    """``folder`` relative to ``art_dir`` (POSIX separators), so the two can move together."""
+    if not folder:
+        return folder
+    return Path(os.path.relpath(Path(folder).resolve(), Path(art_dir).resolve())).as_posix()
+
+
+def _absolute(art_dir: str | os.PathLike, data: dict) -> str | None:
+    """The stored ``text_encoder_dir`` resolved against ``art_dir`` (absolute paths of v1 manifests stay)."""
+    folder = (data.get("model") or {}).get("text_encoder_dir")
+    return str((Path(art_dir) / folder).resolve()) if folder else folder
+
+
+# ---- schema migrations --------------------------------------------------------------------------------------------
+
+
+def _v1_to_v2(d: dict) -> dict:
+    """v1 stored each engine's budget as a side; v2 stores pixels like ``budgets``."""
+    engines = [{**e, "budget": int(e["budget"]) ** 2} if isinstance(e, dict) and "budget" in e else e
+               for e in d.get("engines", ())]
+    return {**d, "engines": engines, "schema_version": 2}
+
+
+MIGRATIONS = {1: _v1_to_v2}  # version -> step to version + 1
+
+
+def migrate(d: dict) -> dict:
+    """Upgrade a manifest dict of an older schema version, one step at a time, up to ``SCHEMA_VERSION``."""
+    version = d.get("schema_version")
+    while isinstance(version, int) and version < SCHEMA_VERSION and version in MIGRATIONS:
+        d = MIGRATIONS[version](d)
+        version = d.get("schema_version")
+    return d

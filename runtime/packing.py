@@ -28,12 +28,12 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import PackingError
+from .budget import PIXELS_PER_TOKEN_SIDE, Budget, trained_budgets
+from .errors import InputError, PackingError
 
-BUDGETS: dict[int, int] = {1024: 1024 * 1024, 1536: 1536 * 1536, 2048: 2048 * 2048}  # side -> pixels
+BUDGETS: dict[int, int] = {b.side: b.pixels for b in trained_budgets()}  # side -> pixels (engines/ reads it)
 POLICIES = ("self", "proportional", "per-image")
 MIN_REFERENCE_SIDE = 256  # a budget holds at most B // MIN_REFERENCE_SIDE**2 references (16 / 36 / 64)
-PIXELS_PER_TOKEN_SIDE = 16  # VAE downsample 8 x patch 2
 
 _VAE_SCALE = 8
 _REF_MULTIPLE = 32  # reference sides (diffusers rounds them to 32)
@@ -98,14 +98,14 @@ class PackedLayout:
     """Sizes and token offsets of the target and references of one request.
 
     Attributes:
-        budget: pixel budget ``B``.
+        budget: the pixel budget ``B``.
         policy: the policy that produced the reference sizes (one of ``POLICIES``).
         target: the output image slot (index 0, offset 0).
         references: reference slots in input order (index 1..N).
         source_sizes: ``(w, h)`` of the reference images as given.
     """
 
-    budget: int
+    budget: Budget
     policy: str
     target: ImageSlot
     references: tuple[ImageSlot, ...]
@@ -142,7 +142,7 @@ class PackedLayout:
 
     def to_dict(self) -> dict:
         return {
-            "budget": self.budget,
+            "budget": self.budget.pixels,
             "policy": self.policy,
             "target": self.target.to_dict(),
             "references": [ref.to_dict() for ref in self.references],
@@ -156,35 +156,26 @@ class PackedLayout:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def budget_pixels(budget: int) -> int:
-    """Normalise a budget to pixels.
-
-    Args:
-        budget (int): a pixel count (``1048576``), or one of the trained sides (1024, 1536, 2048) as shorthand.
-            Any other value is taken as pixels, so small test budgets such as ``64 * 64`` stay unambiguous.
-
-    Returns:
-        int: the budget in pixels.
+def as_budget(budget: Budget | int) -> Budget:
+    """``budget`` as a :class:`Budget` (a pixel count, or a trained side as shorthand: ``Budget.coerce``).
 
     Raises:
         PackingError: the budget is not a positive integer.
     """
     try:
-        value = operator.index(budget)
-    except TypeError:
-        raise PackingError(
-            f"Budget must be an integer, got {budget!r}.", hint="pass a side such as 1024 or a pixel count."
-        ) from None
-    if value <= 0:
-        raise PackingError(
-            f"Budget must be positive, got {value}.", hint=f"use one of {sorted(BUDGETS)} (a side in pixels)."
-        )
-    return value * value if value in BUDGETS else value
+        return Budget.coerce(budget)
+    except InputError as err:
+        raise PackingError(err.message, err.hint) from None
 
 
-def max_references(budget: int) -> int:
+def budget_pixels(budget: Budget | int) -> int:
+    """Deprecated: use ``Budget.coerce(budget).pixels``; kept only until engines/ takes :class:`Budget`."""
+    return as_budget(budget).pixels
+
+
+def max_references(budget: Budget | int) -> int:
     """References a budget holds: ``B // MIN_REFERENCE_SIDE**2`` (16 / 36 / 64 for 1024 / 1536 / 2048)."""
-    return budget_pixels(budget) // (MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE)
+    return as_budget(budget).pixels // (MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE)
 
 
 def _check_sizes(sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -210,12 +201,11 @@ def _check_policy(policy: str) -> None:
         raise PackingError(f"Unknown packing policy {policy!r}; expected one of {', '.join(POLICIES)}.")
 
 
-def _check_count(count: int, pixels: int) -> None:
-    limit = pixels // (MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE)
+def _check_count(count: int, budget: Budget) -> None:
+    limit = max_references(budget)
     if count > limit:
-        side = math.isqrt(pixels)
         raise PackingError(
-            f"{count} references do not fit a {side}x{side} budget: it holds at most {limit} "
+            f"{count} references do not fit a {budget} budget: it holds at most {limit} "
             f"(each needs {MIN_REFERENCE_SIDE}x{MIN_REFERENCE_SIDE} px).",
             hint="use fewer references or a larger budget.",
         )
@@ -343,7 +333,7 @@ def _target_from_aspect(pixels: int, ratio: float, exact: bool) -> tuple[int, in
 
 def target_size(
     sizes: Sequence[tuple[int, int]],
-    budget: int,
+    budget: Budget | int,
     width: int | None = None,
     height: int | None = None,
     policy: str = "self",
@@ -360,7 +350,7 @@ def target_size(
 
     Args:
         sizes (Sequence[tuple[int, int]]): reference ``(w, h)``; may be empty when both sides are given.
-        budget (int): side or pixel count (see :func:`budget_pixels`).
+        budget (Budget | int): the budget (an int is a pixel count or a trained side, see :func:`as_budget`).
         width, height (int | None, default None): requested output size.
         policy (str, default "self"): packing policy (affects the rules above only).
 
@@ -371,7 +361,8 @@ def target_size(
         PackingError: no references and not both sides given; a side under 16 px; a requested size above
             the budget.
     """
-    pixels = budget_pixels(budget)
+    bounds = as_budget(budget)
+    pixels = bounds.pixels
     _check_policy(policy)
     sizes = _check_sizes(sizes)
     if width is None or height is None:
@@ -397,10 +388,8 @@ def target_size(
             hint="use a width and height of at least 16 px.",
         )
     if width * height > pixels:
-        side = math.isqrt(pixels)
         raise PackingError(
-            f"Output size {width}x{height} ({width * height} px) exceeds the {side}x{side} budget "
-            f"({pixels} px).",
+            f"Output size {width}x{height} ({width * height} px) exceeds the {bounds} budget ({pixels} px).",
             hint="choose a larger budget or a smaller width/height.",
         )
     return width, height
@@ -413,7 +402,7 @@ def target_size(
 
 def pack_references(
     sizes: Sequence[tuple[int, int]],
-    budget: int,
+    budget: Budget | int,
     policy: str = "self",
     width: int | None = None,
     height: int | None = None,
@@ -422,7 +411,7 @@ def pack_references(
 
     Args:
         sizes (Sequence[tuple[int, int]]): ``(w, h)`` of the reference images, in order; may be empty.
-        budget (int): side (``1024``) or pixel count (``1048576``).
+        budget (Budget | int): the budget; an int is a pixel count (``1048576``) or a trained side (``1024``).
         policy (str, default "self"): one of ``POLICIES``.
         width, height (int | None, default None): output size; see :func:`target_size`.
 
@@ -433,12 +422,13 @@ def pack_references(
         PackingError: unknown policy; non-positive budget or image size; more than ``max_references(budget)``
             references (``self``/``proportional``); an output size that cannot be derived or exceeds the budget.
     """
-    pixels = budget_pixels(budget)
+    bounds = as_budget(budget)
+    pixels = bounds.pixels
     _check_policy(policy)
     sizes = _check_sizes(sizes)
     if policy != "per-image":  # per-image mirrors diffusers, which has no count limit (each ref gets area B)
-        _check_count(len(sizes), pixels)
-    target_w, target_h = target_size(sizes, pixels, width, height, policy=policy)
+        _check_count(len(sizes), bounds)
+    target_w, target_h = target_size(sizes, bounds, width, height, policy=policy)
 
     if not sizes:
         boxes: list[tuple[int, int]] = []
@@ -463,4 +453,4 @@ def pack_references(
         slot = ImageSlot("reference", index, w, h, offset)
         references.append(slot)
         offset += slot.num_tokens
-    return PackedLayout(pixels, policy, target, tuple(references), sizes)
+    return PackedLayout(bounds, policy, target, tuple(references), sizes)
