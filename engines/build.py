@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from uniref_deploy.runtime._lazy import is_available, require
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import EngineBuildError, ManifestError, MissingDependencyError, UnirefError
 from uniref_deploy.runtime.fileio import atomic_path, sha256_file, sha256_json
 from uniref_deploy.runtime.manifest import EngineSpec, Manifest, StageRecord
@@ -220,7 +221,7 @@ def build_engine(art_dir: str | os.PathLike, engine: EnginePlan, env: BuildEnvir
         "weight_streaming_budget": engine.weight_streaming_budget,
         "profile": engine.profiles[0].to_dict(),
     }
-    return EngineSpec(engine.graph, engine.budget, engine.precision, engine.engine_file, sha256_file(dst), provenance)
+    return EngineSpec(engine.graph, Budget.from_side(engine.budget), engine.precision, engine.engine_file, sha256_file(dst), provenance)
 
 
 # ---------------------------------------------------------------------------------------------------------

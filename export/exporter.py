@@ -20,9 +20,11 @@ import numpy as np
 import onnx
 import torch
 
+from uniref_deploy.runtime.artifacts import TRT_LINT_REPORT, VALIDATION_REPORT
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import ExportError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
-from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
+from uniref_deploy.runtime.graphs import DIT, ROPE_INPUT_POSITIONS, VAE_DECODER, VAE_ENCODER, graph_io
 from uniref_deploy.runtime.manifest import (
     ORT_VARIANT,
     GraphSpec,
@@ -31,7 +33,7 @@ from uniref_deploy.runtime.manifest import (
     StageRecord,
     TensorSpec,
 )
-from uniref_deploy.runtime.packing import budget_pixels
+from uniref_deploy.runtime.precision import EXPORT_PRECISIONS, FP16_MAX, VAE_PRECISIONS
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
@@ -43,15 +45,14 @@ from .trt_lint import lint_model
 from .validate import FP32_TOLERANCE, ValidationRow, format_table, validate_graph
 
 logger = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "bf16")
-VAE_PRECISIONS = ("fp32", "fp16")
+PRECISIONS = EXPORT_PRECISIONS  # the names `export --dtypes` accepts
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """Args:
-    budgets: bucket sides to record and validate (1024, 1536, 2048).
+    budgets: budgets to record and validate (``Budget``s; ints are read as in ``Budget.coerce``).
     dtypes: graph precisions to export ("fp32" always comes first: it is the reference).
     opset: ONNX opset (>= 17).
     validate: run the ONNX Runtime vs torch validation.
@@ -62,7 +63,7 @@ class ExportOptions:
         like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).
     """
 
-    budgets: tuple[int, ...] = (1024,)
+    budgets: tuple[Budget, ...] = (Budget.from_side(1024),)
     dtypes: tuple[str, ...] = ("fp32",)
     opset: int = DEFAULT_OPSET
     validate: bool = True
@@ -72,6 +73,7 @@ class ExportOptions:
     ort_fusions: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
         bad = [d for d in self.dtypes if d not in PRECISIONS]
         if bad:
             raise ExportError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
@@ -124,7 +126,7 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
     dtypes = tuple(dict.fromkeys(("fp32", *options.dtypes)))
-    settings = {**asdict(options), "dtypes": list(dtypes)}
+    settings = {**asdict(options), "budgets": [b.pixels for b in options.budgets], "dtypes": list(dtypes)}
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
     manifest = _existing(art, config)
@@ -167,7 +169,7 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
     rows: list[ValidationRow] = []
     lint: dict[str, dict] = {}
     for precision in dtypes:
-        dit_mod = _at_precision(dit_ref, precision, keep_fp32 if precision == "fp16" else [], rope_inputs=(4, 5, 6, 7))
+        dit_mod = _at_precision(dit_ref, precision, keep_fp32 if precision == "fp16" else [], rope_inputs=ROPE_INPUT_POSITIONS)
         enc_mod, dec_mod = _at_precision(enc_ref, precision), _at_precision(dec_ref, precision)
         jobs = [
             (DIT, dit_mod, tuple(torch.from_numpy(example.feeds[n]) for n in dit_names), dit_ref,
@@ -196,7 +198,7 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
             info = {"export_seconds": round(seconds, 2), "opset": options.opset, "trt_lint_passed": bool(report)}
             if name == DIT and precision == "fp16":
                 info.update(fp32_layers=keep_fp32, activation_ranges={k: round(v, 4) for k, v in ranges.items()},
-                            fp16_threshold=65504.0 / options.fp16_safety)
+                            fp16_threshold=FP16_MAX / options.fp16_safety)
             if options.validate:
                 say(f"export: validating {name} {precision} on {len(val_samples)} input(s)")
                 fallback = (lambda m=module: m) if precision == "bf16" else None
@@ -217,13 +219,12 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
                     rows.extend(ort_rows)
                     manifest = manifest.with_graph(spec) if spec else manifest
 
-    reports = art / "reports"
-    atomic_write_text(reports / "trt_lint.json", json.dumps(lint, indent=2))
+    atomic_write_text(art / TRT_LINT_REPORT, json.dumps(lint, indent=2))
     if rows:
-        atomic_write_text(reports / "export_validation.json", json.dumps([r.to_dict() for r in rows], indent=2))
+        atomic_write_text(art / VALIDATION_REPORT, json.dumps([r.to_dict() for r in rows], indent=2))
         say("export validation (ONNX Runtime CPU vs torch fp32):\n" + format_table(rows))
     failed = [r for r in rows if r.precision == "fp32" and not r.result and r.graph != f"{DIT}.{ORT_VARIANT}"]
-    manifest = manifest.with_budgets(tuple(budget_pixels(b) for b in options.budgets)).with_stage(StageRecord(
+    manifest = manifest.with_budgets(options.budgets).with_stage(StageRecord(
         stage="export", inputs_sha256=inputs_hash if not failed else "failed", settings=settings,
         seconds=round(time.perf_counter() - t_start, 2), tool_versions=versions,
         results={"validation_passed": not failed, "graphs": len(lint),
@@ -235,7 +236,7 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
         raise ExportError(
             f"Validation failed: {worst.graph} fp32 on '{worst.sample}' differs from torch by "
             f"{worst.result.rel_max:.2e} of scale (tolerance {FP32_TOLERANCE:g}).",
-            f"see {reports / 'export_validation.json'}.",
+            f"see {art / VALIDATION_REPORT}.",
         )
     return manifest
 

@@ -39,7 +39,7 @@ import onnx
 import torch
 
 from uniref_deploy.runtime.errors import ExportError
-from uniref_deploy.runtime.graphs import dit_io
+from uniref_deploy.runtime.graphs import ROPE_INPUT_POSITIONS, dit_io
 from uniref_deploy.runtime.manifest import ModelConfig
 
 from .graph_export import DEFAULT_OPSET, _by_position, _summary, dynamic_shapes_for, name_dynamic_axes
@@ -134,7 +134,7 @@ def build_meta_dit(transformer_config: dict, dtype: str, keep_fp32: Iterable[str
             island = Float32Island(layer)
             keys.update({id(t): before[n] for n, t in island.inner.named_parameters() if n in before})
             setattr(parent, child, island)
-        module = IOCast(dit, DTYPES[dtype], keep_float32=(4, 5, 6, 7)).eval()
+        module = IOCast(dit, DTYPES[dtype], keep_float32=ROPE_INPUT_POSITIONS).eval()
     names = {n: keys[id(t)] for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) in keys}
     return module, names
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.manifest import ModelConfig
-from uniref_deploy.runtime.packing import PackedLayout, budget_pixels, pack_references
+from uniref_deploy.runtime.packing import PackedLayout, as_budget, pack_references
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig, modulation_index
 
 # (reference sizes, text length, padded text tokens)
@@ -34,23 +35,22 @@ class Sample:
 
     @property
     def label(self) -> str:
-        side = int(round(math.sqrt(self.layout.budget)))
         txt = self.feeds["encoder_hidden_states"].shape[1]
-        return f"b{side} refs={len(self.layout.references)} img={self.layout.num_image_tokens} txt={txt}"
+        return f"b{self.layout.budget.name} refs={len(self.layout.references)} img={self.layout.num_image_tokens} txt={txt}"
 
 
-def validation_layouts(budget: int, target_area: int = 512 * 512) -> list[tuple[PackedLayout, int, int]]:
-    """(layout, text length, padded tokens) for ``budget`` (a side or pixels)."""
-    pixels = budget_pixels(budget)
+def validation_layouts(budget: Budget | int, target_area: int = 512 * 512) -> list[tuple[PackedLayout, int, int]]:
+    """(layout, text length, padded tokens) for ``budget`` (a ``Budget``; an int as in ``Budget.coerce``)."""
+    budget = as_budget(budget)
     out = []
     for sizes, txt, pad in LAYOUT_CASES:
-        if pixels <= 1024 * 1024:
-            layout = pack_references(sizes, pixels)
+        if budget <= Budget.from_side(1024):
+            layout = pack_references(sizes, budget)
         else:
             w, h = sizes[-1]
             side_w = max(16, int(math.sqrt(target_area * w / h)) // 16 * 16)
             side_h = max(16, int(math.sqrt(target_area * h / w)) // 16 * 16)
-            layout = pack_references(sizes, pixels, width=side_w, height=side_h)
+            layout = pack_references(sizes, budget, width=side_w, height=side_h)
         out.append((layout, txt, pad))
     return out
 

@@ -330,8 +330,8 @@ class Manifest:
 
 def _relative(art_dir: str | os.PathLike, folder: str | None) -> str | None:
     """``folder`` relative to ``art_dir`` (POSIX separators), so the two can move together."""
-    if not folder:
-        return folder
+    if not folder or not Path(folder).is_absolute():
+        return folder  # already relative to the artifact folder
     return Path(os.path.relpath(Path(folder).resolve(), Path(art_dir).resolve())).as_posix()
 
 

@@ -7,13 +7,12 @@ embeddings, the output reproduces diffusers' ``QwenImageEditPlusPipeline``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +21,20 @@ from PIL import Image
 
 from . import latents as lat
 from .backends.base import Backend, backend_factory
+from .budget import Budget
+from .denoise import StepCallback, cfg_combine, denoise
 from .errors import InputError
-from .graphs import DIT, VAE_DECODER, VAE_ENCODER
+from .graphs import DIT, VAE_DECODER, VAE_ENCODER, dit_static_feeds
 from .images import from_model_output, load_images, to_model_input, to_pil
 from .manifest import Manifest, ModelConfig
-from .packing import POLICIES, PackedLayout, budget_pixels, pack_references
-from .rope import RopeCache, RopeConfig, modulation_index
+from .packing import POLICIES, PackedLayout, as_budget, pack_references
+from .rope import RopeCache, RopeConfig
 from .scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
 from .text import CONDITION_IMAGE_AREA, MAX_TEXT_TOKENS, QwenPromptEncoder
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int, float], None]  # (step index, total steps, seconds of this step)
+__all__ = ["Pipeline", "StageTimes", "StepCallback", "cfg_combine", "trim_text_padding"]
 
 
 @dataclass
@@ -69,15 +70,17 @@ class Pipeline:
         config: the model configuration (transformer/VAE/scheduler configs, text encoder location).
         backends: one ``Backend`` per graph name ("dit", "vae_encoder", "vae_decoder").
         text_encoder: a ``QwenPromptEncoder`` or None (then pass ``prompt_embeds``).
-        budgets: pixel budgets this pipeline may run; None allows any (torch backend).
+        budgets: the compiled budgets; a request may use any budget up to the largest (the graphs are dynamic),
+            or exactly one of them when a backend runs fixed buckets (TensorRT). None allows any (torch backend).
     """
 
     def __init__(self, config: ModelConfig, backends: dict[str, Backend], text_encoder: QwenPromptEncoder | None = None,
-                 budgets: Sequence[int] | None = None):
+                 budgets: Sequence[Budget | int] | None = None):
         self.config = config
         self.backends = backends
         self.text_encoder = text_encoder
-        self.budgets = tuple(budget_pixels(b) for b in budgets) if budgets else None
+        self.budgets = tuple(sorted(Budget.coerce(b) for b in budgets)) if budgets else None
+        self.exact_buckets = any(b.fixed_buckets for b in backends.values())
         self.rope = RopeCache(RopeConfig.from_transformer_config(config.transformer))
         self.scheduler_config = FlowMatchEulerConfig.from_dict(config.scheduler)
         self.latents_mean = np.asarray(config.vae["latents_mean"], dtype=np.float32)
@@ -116,9 +119,7 @@ class Pipeline:
             backend = _auto_backend(manifest)
         backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,
                                                    precision=precision, **backend_options)
-        config = manifest.model
-        if config.text_encoder_dir and not Path(config.text_encoder_dir).is_absolute():
-            config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
+        config = manifest.model  # Manifest.load resolved text_encoder_dir against the artifact folder
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
         return cls(config, backends, text, budgets=manifest.budgets or None)
 
@@ -130,7 +131,7 @@ class Pipeline:
         negative_prompt: str | None = None,
         true_cfg_scale: float = 4.0,
         num_inference_steps: int = 50,
-        budget: int = 1024 * 1024,
+        budget: Budget | int = 1024 * 1024,
         policy: str = "self",
         width: int | None = None,
         height: int | None = None,
@@ -146,7 +147,8 @@ class Pipeline:
         """Edit: returns a PIL image, or float32 HWC in [0, 1] with ``output_type="np"``, or packed latents
         [1, S_target, 4z] with ``output_type="latent"``.
 
-        Zero references is plain text-to-image generation and needs ``width`` and ``height``.
+        Zero references is plain text-to-image generation and needs ``width`` and ``height``. ``budget`` is a
+        :class:`Budget` or an int (a pixel count; 1024, 1536 and 2048 are read as sides).
         """
         t_start = time.perf_counter()
         times = StageTimes()
@@ -158,7 +160,7 @@ class Pipeline:
 
         # 2. pack the references into the budget
         t0 = time.perf_counter()
-        layout = pack_references([im.size for im in images], budget_pixels(budget), policy, width, height)
+        layout = pack_references([im.size for im in images], as_budget(budget), policy, width, height)
         self.last_layout = layout
         times.pack_rope += time.perf_counter() - t0
 
@@ -185,7 +187,7 @@ class Pipeline:
 
         # 6. RoPE tables and the static DiT feeds
         t0 = time.perf_counter()
-        static = [self._static_feeds(layout, e, m) for e, m in ([cond] + ([uncond] if do_cfg else []))]
+        static = [self.static_feeds(layout, e, m) for e, m in ([cond] + ([uncond] if do_cfg else []))]
         times.pack_rope += time.perf_counter() - t0
 
         # 7. timesteps (dynamic shift from the TARGET token count)
@@ -193,20 +195,9 @@ class Pipeline:
         scheduler.set_timesteps(num_inference_steps, image_seq_len=n_target)
 
         # 8. denoise
-        dit = self.backends[DIT]
-        for i, t in enumerate(scheduler.timesteps):
-            t_step = time.perf_counter()
-            model_in = np.concatenate([latents, *ref_tokens], axis=1) if ref_tokens else latents
-            timestep = np.full((1,), t / 1000.0, dtype=np.float32)
-            preds = [dit.infer({**s, "hidden_states": model_in, "timestep": timestep})["velocity"][:, :n_target]
-                     for s in static]
-            times.dit.append(time.perf_counter() - t_step)
-            t0 = time.perf_counter()
-            velocity = cfg_combine(preds[0], preds[1], true_cfg_scale) if do_cfg else preds[0]
-            latents = scheduler.step(velocity, i, latents)
-            times.scheduler += time.perf_counter() - t0
-            if callback is not None:
-                callback(i, len(scheduler.timesteps), time.perf_counter() - t_step)
+        result = denoise(self.backends[DIT], static, latents, ref_tokens, scheduler, true_cfg_scale,
+                         callback=callback)
+        latents, times.dit, times.scheduler = result.latents, result.dit_seconds, result.scheduler_seconds
 
         if output_type == "latent":
             times.total = time.perf_counter() - t_start
@@ -239,11 +230,22 @@ class Pipeline:
             raise InputError(f"Unknown packing policy '{policy}'.", f"use one of {', '.join(POLICIES)}.")
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"Unknown output_type '{output_type}'.", "use 'pil', 'np' or 'latent'.")
-        if self.budgets is not None and budget_pixels(budget) not in self.budgets:
-            have = ", ".join(f"{int(round(b ** 0.5))}" for b in self.budgets)
+        self.check_budget(as_budget(budget))
+
+    def check_budget(self, budget: Budget) -> None:
+        """Any budget up to the largest compiled one; exactly a compiled bucket when a backend needs one."""
+        if self.budgets is None:
+            return
+        have = ", ".join(b.name for b in self.budgets)
+        if self.exact_buckets and budget not in self.budgets:
             raise InputError(
-                f"Budget {budget} was not compiled into these artifacts (compiled: {have}).",
-                f"use one of {have}, or re-run the export with --budgets including it.",
+                f"Budget {budget.name} has no compiled TensorRT bucket in these artifacts (compiled: {have}).",
+                f"use one of {have}, build engines for it, or run with the ort backend.",
+            )
+        if budget > self.budgets[-1]:
+            raise InputError(
+                f"Budget {budget.name} exceeds the largest budget compiled into these artifacts ({have}).",
+                f"use a budget up to {self.budgets[-1].name}, or re-run the export with --budgets including it.",
             )
 
     def _embeds(self, prompt, images, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
@@ -278,24 +280,13 @@ class Pipeline:
             self._vae_cache.popitem(last=False)
         return tokens
 
-    def _static_feeds(self, layout: PackedLayout, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        tables = self.rope.tables(layout.grids, embeds.shape[1])
-        feeds = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, **tables}
-        if self.config.zero_cond_t:
-            feeds["modulate_index"] = modulation_index(layout.grids)
-        return feeds
+    def static_feeds(self, layout: PackedLayout, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The DiT feeds fixed over the loop for ``layout`` and one prompt (see ``graphs.dit_static_feeds``)."""
+        return dit_static_feeds(self.config, self.rope, layout, embeds, mask)
 
     def close(self) -> None:
         for b in self.backends.values():
             b.deactivate()
-
-
-def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
-    """True CFG with diffusers' norm rescale: the guided velocity keeps the conditional one's per-token norm."""
-    comb = uncond + scale * (cond - uncond)
-    cond_norm = np.linalg.norm(cond, axis=-1, keepdims=True)
-    comb_norm = np.linalg.norm(comb, axis=-1, keepdims=True)
-    return (comb * (cond_norm / comb_norm)).astype(np.float32)
 
 
 def _text_encoder(config: ModelConfig, condition_area: int, dtype: str = "float32") -> QwenPromptEncoder | None:

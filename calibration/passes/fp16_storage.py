@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .base import GraphPass, NameGen, initializer_map
+from uniref_deploy.runtime.precision import FP16_MAX
 
-FP16_MAX = 65504.0
+from .base import GraphPass, NameGen, initializer_map
 
 
 class StoreWeightsFP16(GraphPass):

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .base import GraphPass, NameGen, node_map
+from uniref_deploy.runtime.precision import E4M3_MAX
 
-E4M3_MAX = 448.0
+from .base import GraphPass, NameGen, node_map
 
 
 class QuantizeActivationsFP8(GraphPass):

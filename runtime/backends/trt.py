@@ -24,12 +24,13 @@ from ..errors import BackendError, ManifestError, MissingDependencyError
 from ..fileio import sha256_file
 from ..graphs import DIT, GRAPH_NAMES, graph_io
 from ..manifest import EngineSpec, Manifest, ModelConfig, TensorSpec
+from ..precision import ENGINE_PREFERENCE, VAE_ENGINE_PREFERENCE
 from .base import Backend
 
 logger = logging.getLogger(__name__)
 
-DIT_PRECISION_ORDER = ("fp16", "bf16", "fp8", "fp32")  # precision=None picks the first with DiT engines
-VAE_PRECISION_ORDER = ("fp16", "fp32")
+DIT_PRECISION_ORDER = ENGINE_PREFERENCE  # precision=None picks the first with DiT engines
+VAE_PRECISION_ORDER = VAE_ENGINE_PREFERENCE
 MAX_CUDA_GRAPHS = 32  # captured graphs kept per backend (LRU)
 
 
@@ -118,7 +119,7 @@ class _Bucket:
 
     def describe(self) -> str:
         ranges = ", ".join(f"{a} {lo}..{hi}" for a, (lo, hi) in self.axis_ranges.items())
-        return f"b{self.spec.budget} ({ranges})"
+        return f"b{self.spec.budget.name} ({ranges})"
 
 
 class TrtBackend(Backend):
@@ -138,6 +139,7 @@ class TrtBackend(Backend):
     """
 
     kind = "trt"
+    fixed_buckets = True
 
     def __init__(self, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  engines: tuple[EngineSpec, ...], art_dir: str | os.PathLike, cuda_graphs: bool = False,
@@ -174,7 +176,7 @@ class TrtBackend(Backend):
             self._deactivate()
             raise
         logger.info("TensorRT %s on %s: %s buckets %s", trt.__version__, running.name, self.name,
-                    ", ".join(f"b{b.spec.budget}" for b in self._buckets))
+                    ", ".join(f"b{b.spec.budget.name}" for b in self._buckets))
 
     def _load(self, spec: EngineSpec, trt) -> _Bucket:
         path = self.art_dir / spec.file
@@ -391,7 +393,7 @@ def _pick_precision(manifest: Manifest, name: str, wanted: str | None, order: tu
     for p in candidates:
         if p in have:
             return p
-    listing = ", ".join(sorted(f"{e.graph}.b{e.budget}.{e.precision}" for e in manifest.engines)) or "none"
+    listing = ", ".join(sorted(f"{e.graph}.b{e.budget.name}.{e.precision}" for e in manifest.engines)) or "none"
     want = f" at precision '{wanted}'" if wanted and name == DIT else ""
     raise BackendError(
         f"The artifacts have no TensorRT engines for '{name}'{want} (have: {listing}).",

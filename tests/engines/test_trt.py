@@ -53,7 +53,7 @@ def test_factory_picks_engines_per_graph(tmp_path):
     m = _engines_manifest()
     backends = TrtBackendFactory.create(m.model, tmp_path, manifest=m, precision="fp16")
     assert all(isinstance(b, TrtBackend) and not b.is_active for b in backends.values())
-    assert [(e.budget, e.precision) for e in backends["dit"].engine_specs] == [(1024, "fp16"), (2048, "fp16")]
+    assert [(e.budget.side, e.precision) for e in backends["dit"].engine_specs] == [(1024, "fp16"), (2048, "fp16")]
     assert [e.precision for e in backends["vae_encoder"].engine_specs] == ["fp32"]  # fp16 absent: fall back
     assert [e.precision for e in backends["vae_decoder"].engine_specs] == ["fp16"]
     assert [s.name for s in backends["dit"].inputs][0] == "hidden_states"
