@@ -150,8 +150,6 @@ def _example_args(config: ModelConfig) -> tuple:
 
 def trace_without_weights(module: torch.nn.Module, config: ModelConfig, opset: int = DEFAULT_OPSET):
     """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of the meta module; weights removed from the graph."""
-    import onnx_ir as ir
-
     inputs, outputs = dit_io(config)
     names = [s.name for s in inputs]
     try:
@@ -190,7 +188,6 @@ def trace_without_weights(module: torch.nn.Module, config: ModelConfig, opset: i
         if value.const_value is None or (isinstance(raw, torch.Tensor) and raw.device.type == "meta"):
             raise ExportError(f"Initializer '{name}' has no data after the meta export.",
                               "a constant derived from weights cannot be streamed; report this graph.")
-    del ir
     return program, declared
 
 

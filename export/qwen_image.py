@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, S, H, D] by tables cos/sin [S, D/2] (float32 math)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # B, S, H, D/2, 2
