@@ -247,8 +247,8 @@ def _shrink_to_fit(
     The caller guarantees that the fixed boxes plus the ideal areas fit ``limit``, so this always succeeds
     after at most two floors per box.
     """
-    boxes = [list(box) for box in boxes]
-    total = sum(w * h for w, h in boxes)
+    sides = [list(box) for box in boxes]
+    total = sum(w * h for w, h in sides)
     while total > limit:
         # Of all rounded-up sides, floor the one that leaves its box's aspect closest to the ideal.
         best: tuple[float, int, int, int] | None = None  # (aspect error, box, axis, new side)
@@ -256,8 +256,8 @@ def _shrink_to_fit(
             if ideal is None:
                 continue
             for axis in (0, 1):
-                if boxes[i][axis] > ideal[axis]:
-                    trial = list(boxes[i])
+                if sides[i][axis] > ideal[axis]:
+                    trial = list(sides[i])
                     trial[axis] = _floor_to(ideal[axis], multiple)
                     error = abs(math.log(trial[0] / trial[1] * ideal[1] / ideal[0]))
                     if best is None or error < best[0]:
@@ -267,9 +267,9 @@ def _shrink_to_fit(
                 f"Could not fit {len(boxes)} images into {limit} px (internal rounding error)."
             )
         _, i, axis, new_side = best
-        total -= (boxes[i][axis] - new_side) * boxes[i][1 - axis]
-        boxes[i][axis] = new_side
-    return [(w, h) for w, h in boxes]
+        total -= (sides[i][axis] - new_side) * sides[i][1 - axis]
+        sides[i][axis] = new_side
+    return [(w, h) for w, h in sides]
 
 
 def _fit_references(
@@ -377,10 +377,11 @@ def target_size(
             derived_w, derived_h = calculate_dimensions(pixels, ratio)
             width = derived_w if width is None else width
             height = derived_h if height is None else height
-        elif width is None:
+        elif width is None and height is not None:
             width = round(_floor16(height) * ratio / PIXELS_PER_TOKEN_SIDE) * PIXELS_PER_TOKEN_SIDE
-        else:
+        elif width is not None:
             height = round(_floor16(width) / ratio / PIXELS_PER_TOKEN_SIDE) * PIXELS_PER_TOKEN_SIDE
+    assert width is not None and height is not None  # every branch above sets both
     width, height = _floor16(operator.index(width)), _floor16(operator.index(height))
     if width < PIXELS_PER_TOKEN_SIDE or height < PIXELS_PER_TOKEN_SIDE:
         raise PackingError(

@@ -101,6 +101,7 @@ class Pipeline:
                 "export the model (`uniref-deploy export`) and use Pipeline.from_artifacts for ort/trt.",
             )
         config = ModelConfig.from_diffusers_dir(model_dir)
+        FlowMatchEulerConfig.from_dict(config.scheduler)  # a config we cannot run fails before any weight loads
         backends = backend_factory("torch").create(config, model_dir, dtype=torch_dtype)
         text = _text_encoder(config, condition_image_area, torch_dtype) if load_text_encoder else None
         return cls(config, backends, text)
@@ -115,6 +116,7 @@ class Pipeline:
         precision on TensorRT (fp16, bf16, fp8, then fp32).
         """
         manifest = Manifest.load(art_dir)
+        FlowMatchEulerConfig.from_dict(manifest.model.scheduler)  # fails before any session loads
         if backend == "auto":
             backend = _auto_backend(manifest)
         backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import click
 
@@ -50,19 +49,16 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
         polygraphy_commands,
         save_plan,
     )
+    from uniref_deploy.runtime.budget import trained_budgets
     from uniref_deploy.runtime.errors import MissingDependencyError
     from uniref_deploy.runtime.manifest import Manifest
-    from uniref_deploy.runtime.packing import BUDGETS, budget_pixels
     from uniref_deploy.tools.options import parse_budgets, parse_list
 
     manifest = Manifest.load(art_dir)
-    if budgets is not None:
-        sides = parse_budgets(budgets)
-    else:
-        sides = tuple(math.isqrt(budget_pixels(b)) for b in manifest.budgets) or tuple(BUDGETS)[:1]
+    chosen = parse_budgets(budgets) if budgets is not None else manifest.budgets or trained_budgets()[:1]
     options = PlanOptions(builder_optimization_level=opt_level, refittable=refittable,
                           weight_streaming_budget=_parse_bytes(weight_streaming_budget))
-    plan = make_plan(manifest, sides, parse_list(precision_list, PRECISIONS, "--precision"), options)
+    plan = make_plan(manifest, chosen, parse_list(precision_list, PRECISIONS, "--precision"), options)
     if dry_run:
         save_plan(plan, art_dir)
         if as_json:
