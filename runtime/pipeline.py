@@ -189,7 +189,8 @@ class Pipeline:
 
         # 6. RoPE tables and the static DiT feeds
         t0 = time.perf_counter()
-        static = [self.static_feeds(layout, e, m) for e, m in ([cond] + ([uncond] if do_cfg else []))]
+        prompts = [cond] if uncond is None else [cond, uncond]
+        static = [self.static_feeds(layout, e, m) for e, m in prompts]
         times.pack_rope += time.perf_counter() - t0
 
         # 7. timesteps (dynamic shift from the TARGET token count)

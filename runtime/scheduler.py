@@ -179,7 +179,7 @@ class FlowMatchEulerScheduler:
         m = np.float32(mu)
         return m / (m + odds)
 
-    def _stretch_to_terminal(self, t: np.ndarray) -> np.ndarray:
+    def _stretch_to_terminal(self, t: np.ndarray, shift_terminal: float) -> np.ndarray:
         one_minus = np.float32(1.0) - t
         if one_minus[-1] == 0:
             logger.warning(
@@ -187,7 +187,7 @@ class FlowMatchEulerScheduler:
                 "divide by zero (diffusers returns NaN here)."
             )
             return t
-        scale = one_minus[-1] / np.float32(1.0 - self.config.shift_terminal)
+        scale = one_minus[-1] / np.float32(1.0 - shift_terminal)
         return np.float32(1.0) - one_minus / scale
 
     def set_timesteps(
@@ -227,7 +227,7 @@ class FlowMatchEulerScheduler:
             shift = np.float32(cfg.shift)
             s = shift * s / (np.float32(1.0) + np.float32(cfg.shift - 1.0) * s)
         if cfg.shift_terminal:
-            s = self._stretch_to_terminal(s)
+            s = self._stretch_to_terminal(s, cfg.shift_terminal)
 
         s = s.astype(np.float32, copy=False)
         self.timesteps = s * np.float32(cfg.num_train_timesteps)

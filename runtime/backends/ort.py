@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class OrtBackend(Backend):
         self.graph, self.path = graph, Path(art_dir) / graph.file
         self.providers, self.threads, self.verify, self.optimization = providers, threads, verify, optimization
         self.profile_prefix = profile_prefix
-        self.session = None
+        self.session: Any = None  # onnxruntime.InferenceSession while active
 
     def _activate(self) -> None:
         ort = _ort()

@@ -16,6 +16,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ class _Bucket:
 
     def __init__(self, spec: EngineSpec, engine, profile: dict[str, tuple[tuple[int, ...], ...]]):
         self.spec, self.engine, self.profile = spec, engine, profile
-        self.context = None
+        self.context: Any = None  # tensorrt.IExecutionContext while active
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self.dtypes: dict[str, np.dtype] = {}
         self.axis_ranges: dict[str, tuple[int, int]] = {}
@@ -153,7 +154,9 @@ class TrtBackend(Backend):
         self.weight_streaming_budget = weight_streaming_budget
         self.last_gpu_ms: float | None = None
         self._buckets: list[_Bucket] = []
-        self._runtime = self._stream = self._events = None
+        self._runtime: Any = None  # tensorrt.Runtime, CUDA stream and (start, end) events while active
+        self._stream: Any = None
+        self._events: Any = None
         self._activation: tuple[int, int] | None = None
         self._graphs: OrderedDict[tuple, object] = OrderedDict()
         self._no_capture: set[tuple] = set()
@@ -265,7 +268,7 @@ class TrtBackend(Backend):
         for b in self._buckets:
             if b.holds(shapes):
                 return b
-        sizes = {}
+        sizes: dict[str, int] = {}
         for s in self.inputs:
             for i, axis in s.dynamic_axes.items():
                 sizes.setdefault(axis, shapes[s.name][i])
