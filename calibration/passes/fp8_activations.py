@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from uniref_deploy.export.graph_pass import GraphPass, NameGen, node_map
 from uniref_deploy.runtime.precision import E4M3_MAX
-
-from .base import GraphPass, NameGen, node_map
 
 
 class QuantizeActivationsFP8(GraphPass):

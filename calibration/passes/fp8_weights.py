@@ -9,9 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from uniref_deploy.export.graph_pass import GraphPass, NameGen, initializer_map, node_map, weight_axis
 from uniref_deploy.runtime.precision import E4M3_MAX
-
-from .base import GraphPass, NameGen, initializer_map, node_map, weight_axis
 
 
 def fp8_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
