@@ -77,6 +77,7 @@ def test_ort_file_names_the_variant() -> None:
     assert ort_file("onnx/dit.onnx") == "onnx/dit.ort.onnx"
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_tiny_dit_variant_fuses_every_rotation(tiny_artifacts: Path) -> None:
     fused = Manifest.load(tiny_artifacts).graph("dit", "fp32", "ort")
     layers = int(Manifest.load(tiny_artifacts).model.transformer["num_layers"])

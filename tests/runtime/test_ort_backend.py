@@ -21,6 +21,8 @@ from uniref_deploy.runtime.errors import InputError  # noqa: E402
 from uniref_deploy.runtime.manifest import Manifest  # noqa: E402
 from uniref_deploy.runtime.pipeline import Pipeline  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the tiny_artifacts session fixture compiles a model (minutes on 2 cores)
+
 TOLERANCE = 2.0 / 255.0
 REFERENCES = [(120, 80), (60, 100), (200, 50)]
 
