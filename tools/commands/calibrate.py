@@ -23,10 +23,11 @@ def command(art_dir: str, images: str | None, samples: int, fp8_attention: bool,
             eval_steps: int, max_side: int, seed: int, force: bool) -> None:
     """Calibrate the DiT of ART to FP8: writes onnx/dit.fp8.onnx and calibration/report.{json,png}."""
     from uniref_deploy.calibration.fp8 import CalibrationOptions, calibrate_fp8
+    from uniref_deploy.runtime.budget import Budget
 
     options = CalibrationOptions(samples=samples, images=images, fp8_attention=fp8_attention,
                                  per_channel=per_channel, seed=seed, eval_steps=eval_steps,
-                                 max_pixels=max_side * max_side, force=force)
+                                 max_pixels=Budget.from_side(max_side).pixels, force=force)
     manifest = calibrate_fp8(art_dir, options, progress=lambda msg: click.echo(msg, err=True))
     info = manifest.graph("dit", "fp8").info
     for name, fig in info.get("figures", {}).items():
