@@ -57,7 +57,7 @@ class ExportOptions:
     opset: ONNX opset (>= 17).
     validate: run the ONNX Runtime vs torch validation.
     validation_target_area: target pixel cap for validation layouts above 1024² (memory bound, see samples.py).
-    fp16_safety: layers whose measured |activation| exceeds 65504 / fp16_safety stay fp32 in the fp16 graph.
+    fp16_safety: layers whose measured |activation| exceeds FP16_MAX / fp16_safety stay fp32 in the fp16 graph.
     force: export even if the inputs are unchanged.
     ort_fusions: also write ``onnx/dit.ort.onnx``, the fp32 DiT with ONNX Runtime contrib-op fusions (validated
         like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).

@@ -13,7 +13,7 @@ from uniref_deploy.runtime.precision import E4M3_MAX
 
 
 class QuantizeActivationsFP8(GraphPass):
-    """Insert QuantizeLinear/DequantizeLinear (float8e4m3fn zero point, scale = absmax / 448) on node inputs.
+    """Insert QuantizeLinear/DequantizeLinear (float8e4m3fn zero point, scale = absmax / E4M3_MAX) on node inputs.
 
     Before::
 
