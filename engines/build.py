@@ -1,16 +1,21 @@
-"""Build the TensorRT engines of a ``BuildPlan`` through polygraphy's loaders, and record their provenance.
+"""Build the TensorRT engines of a ``BuildPlan`` and record their provenance.
 
-Each engine is ``NetworkFromOnnxPath`` (strongly typed) -> ``CreateConfig`` (one profile, optimization level,
-shared timing cache, refit / weight-streaming flags) -> ``EngineFromNetwork`` -> ``SaveEngine`` into a temporary
-sibling that is renamed over ``ART/engines/<graph>.b<side>.<precision>.plan``. The manifest gets one ``EngineSpec``
-per engine (TensorRT version, GPU and compute capability, ONNX sha256, plan-settings hash, build seconds, bytes)
-and a ``build`` stage record; it is saved after every engine, so an interrupted build resumes where it stopped.
-An engine whose settings hash (ONNX sha256 included) and build environment are unchanged and whose file is intact
-is reused. tensorrt, polygraphy's TensorRT loaders and cuda-python are imported only when building.
+Each engine is built by a few direct TensorRT calls (the same steps as polygraphy's ``NetworkFromOnnxPath`` ->
+``CreateConfig`` -> ``EngineBytesFromNetwork`` -> ``SaveBytes``, which ``build --dry-run`` prints as ``polygraphy
+convert``): parse the ONNX into a strongly typed network, one optimization profile per bucket, optimization
+level, shared timing cache, refit / weight-streaming flags, then ``build_serialized_network``. The serialised
+bytes go straight to a temporary sibling of ``ART/engines/<graph>.<precision>.plan`` (hashed while written,
+never deserialised here) that is renamed over it. The manifest gets one ``EngineSpec`` per engine (its bucket
+per profile; TensorRT version, GPU and compute capability, ONNX sha256, plan-settings hash, build seconds,
+bytes) and a ``build`` stage record; it is saved after every engine, so an interrupted build resumes where it
+stopped. An engine whose settings hash (ONNX sha256 included) and build environment are unchanged and whose file
+is intact is reused. Each ONNX file is hashed once per build. tensorrt and cuda-python are imported only when
+building.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -19,14 +24,15 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from uniref_deploy.runtime._lazy import is_available, require
-from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import EngineBuildError, ManifestError, MissingDependencyError, UnirefError
-from uniref_deploy.runtime.fileio import atomic_path, sha256_file, sha256_json
+from uniref_deploy.runtime.fileio import atomic_path, atomic_write_bytes, sha256_file, sha256_json
 from uniref_deploy.runtime.manifest import EngineSpec, Manifest, StageRecord
 
-from .plan import BuildPlan, EnginePlan, save_plan
+from .plan import save_plan
+from .records import BuildPlan, EnginePlan
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ def check_build_environment() -> str | None:
 
 
 def _gpu_problem() -> str | None:
-    from uniref_deploy.runtime.backends.trt import load_cudart
+    from uniref_deploy.runtime.cuda import error_name, load_cudart
 
     try:
         cudart = load_cudart()
@@ -86,9 +92,7 @@ def _gpu_problem() -> str | None:
         return None if listing and "GPU" in listing else "no NVIDIA GPU is visible (`nvidia-smi -L` lists none)"
     err, count = cudart.cudaGetDeviceCount()
     if err != cudart.cudaError_t.cudaSuccess:
-        name = cudart.cudaGetErrorName(err)[1]
-        name = name.decode() if isinstance(name, bytes) else name
-        return f"no usable NVIDIA GPU is visible (CUDA reports {name})"
+        return f"no usable NVIDIA GPU is visible (CUDA reports {error_name(err)})"
     return None if count > 0 else "no NVIDIA GPU is visible (CUDA reports 0 devices)"
 
 
@@ -108,7 +112,7 @@ def build_environment(device: int = 0) -> BuildEnvironment:
     """
     trt = require("tensorrt", extra="gpu")
     try:
-        from uniref_deploy.runtime.backends.trt import device_info
+        from uniref_deploy.runtime.cuda import device_info
 
         info = device_info(device)
         return BuildEnvironment(trt.__version__, info.name, info.compute_capability)
@@ -126,38 +130,62 @@ def build_environment(device: int = 0) -> BuildEnvironment:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def engine_loader(onnx_path: str | os.PathLike, engine: EnginePlan, out_path: str | os.PathLike,
-                  timing_cache: str | os.PathLike):
-    """The polygraphy loader chain that builds ``engine`` and saves it to ``out_path`` when called.
+def _parse_onnx(trt: Any, builder: Any, onnx_path: Path, strongly_typed: bool, trt_logger: Any) -> tuple[Any, Any]:
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)] or ["unknown parser error"]
+        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors[0]}",
+                               "check the graph with `polygraphy inspect model`.")
+    return network, parser
 
-    Constructing it imports polygraphy only (not TensorRT); calling it builds.
 
-    Args:
-        onnx_path: the ONNX file (external data next to it).
-        engine: the engine's plan (profiles and flags).
-        out_path: where to save the serialised engine.
-        timing_cache: timing cache file, read when it exists and updated after the build.
-
-    Returns:
-        polygraphy.backend.trt.SaveEngine: call it to build and save; it returns the engine.
-    """
-    poly = require("polygraphy.backend.trt", extra="gpu")
-    profiles = []
+def _config(trt: Any, builder: Any, engine: EnginePlan, cache_bytes: bytes) -> Any:
+    """The builder config: optimization level, flags, timing cache and one profile per bucket."""
+    config = builder.create_builder_config()
+    config.builder_optimization_level = engine.builder_optimization_level
+    if engine.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if engine.weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     for plan_profile in engine.profiles:
-        profile = poly.Profile()
+        profile = builder.create_optimization_profile()
         for name, rng in plan_profile.shapes:
-            profile.add(name, min=rng.min, opt=rng.opt, max=rng.max)
-        profiles.append(profile)
-    network = poly.NetworkFromOnnxPath(str(onnx_path), strongly_typed=engine.strongly_typed)
-    config = poly.CreateConfig(
-        profiles=profiles,
-        builder_optimization_level=engine.builder_optimization_level,
-        load_timing_cache=str(timing_cache) if Path(timing_cache).is_file() else None,
-        refittable=engine.refittable or None,
-        weight_streaming=engine.weight_streaming or None,
-    )
-    built = poly.EngineFromNetwork(network, config, save_timing_cache=str(timing_cache))
-    return poly.SaveEngine(built, str(out_path))
+            profile.set_shape(name, rng.min, rng.opt, rng.max)
+        config.add_optimization_profile(profile)
+    return config
+
+
+def serialize_engine(onnx_path: str | os.PathLike, engine: EnginePlan, timing_cache: str | os.PathLike) -> Any:
+    """Build ``engine`` from ``onnx_path``; return TensorRT's serialised plan (``IHostMemory``, a buffer).
+
+    The timing cache file is read when present and rewritten (atomically) after the build.
+
+    Raises:
+        EngineBuildError: the parser or the builder failed.
+    """
+    trt = require("tensorrt", extra="gpu")
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network, _parser = _parse_onnx(trt, builder, Path(onnx_path), engine.strongly_typed, trt_logger)
+    cache = Path(timing_cache)
+    config = _config(trt, builder, engine, cache.read_bytes() if cache.is_file() else b"")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build {engine.name} from {engine.onnx_file}.",
+                               "run with -vv for TensorRT's log; check the graph with `polygraphy inspect model`.")
+    atomic_write_bytes(cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return serialized
+
+
+def _write_hashed(path: Path, data: Any) -> str:
+    """Write a buffer to ``path`` and return its sha256 (one pass over the bytes, no re-read)."""
+    view = memoryview(data).cast("B")
+    with open(path, "wb") as f:
+        f.write(view)
+    return hashlib.sha256(view).hexdigest()
 
 
 def _up_to_date(manifest: Manifest, art_dir: Path, engine: EnginePlan, env: BuildEnvironment) -> EngineSpec | None:
@@ -171,15 +199,16 @@ def _up_to_date(manifest: Manifest, art_dir: Path, engine: EnginePlan, env: Buil
     return spec if same and path.is_file() and sha256_file(path) == spec.sha256 else None
 
 
-def _check_onnx(manifest: Manifest, art_dir: Path, engine: EnginePlan, verify: bool) -> Path:
+def _check_onnx(manifest: Manifest, art_dir: Path, engine: EnginePlan, verify: bool, verified: set[str]) -> Path:
     graph = manifest.graph(engine.graph, engine.precision)
     if graph.sha256 != engine.onnx_sha256 or graph.file != engine.onnx_file:
         raise ManifestError(
             f"The plan for {engine.name} was made from another {graph.key} graph than the manifest now lists.",
             "make a new plan (`uniref-deploy build ART --dry-run` or without it).",
         )
-    if verify:
+    if verify and graph.key not in verified:
         manifest.verify_files(art_dir, names=(graph.key,))
+        verified.add(graph.key)
     return art_dir / graph.file
 
 
@@ -188,40 +217,42 @@ def build_engine(art_dir: str | os.PathLike, engine: EnginePlan, env: BuildEnvir
     """Build one engine and save it atomically; return its manifest entry.
 
     Raises:
-        EngineBuildError: TensorRT or polygraphy failed (the first line of their message is kept).
+        EngineBuildError: TensorRT failed (the first line of its message is kept).
     """
     root = Path(art_dir)
     dst = root / engine.engine_file
     start = time.perf_counter()
     try:
+        serialized = serialize_engine(root / engine.onnx_file, engine, timing_cache)
         with atomic_path(dst) as tmp:
-            engine_loader(root / engine.onnx_file, engine, tmp, timing_cache)()
+            sha256 = _write_hashed(tmp, serialized)
+        nbytes = memoryview(serialized).nbytes
+        del serialized
     except UnirefError:
         raise
-    except Exception as err:  # polygraphy raises PolygraphyException, TensorRT RuntimeError/TypeError
+    except Exception as err:  # TensorRT raises RuntimeError/TypeError
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise EngineBuildError(
             f"TensorRT could not build {engine.name} from {engine.onnx_file}: {first}",
             "run with -vv for TensorRT's log; check the graph with `polygraphy inspect model`.",
         ) from err
-    seconds = time.perf_counter() - start
     provenance = {
         "tensorrt_version": env.tensorrt_version,
-        "polygraphy_version": _version("polygraphy"),
         "gpu_name": env.gpu_name,
         "compute_capability": env.compute_capability,
         "onnx_file": engine.onnx_file,
         "onnx_sha256": engine.onnx_sha256,
         "plan_sha256": engine.settings_sha256(),
-        "build_seconds": round(seconds, 3),
-        "engine_bytes": dst.stat().st_size,
+        "build_seconds": round(time.perf_counter() - start, 3),
+        "engine_bytes": nbytes,
         "builder_optimization_level": engine.builder_optimization_level,
         "strongly_typed": engine.strongly_typed,
         "refittable": engine.refittable,
         "weight_streaming_budget": engine.weight_streaming_budget,
-        "profile": engine.profiles[0].to_dict(),
+        "profiles": [p.to_dict() for p in engine.profiles],
     }
-    return EngineSpec(engine.graph, Budget.from_side(engine.budget), engine.precision, engine.engine_file, sha256_file(dst), provenance)
+    return EngineSpec(engine.graph, engine.precision, engine.engine_file, sha256,
+                      tuple(b.pixels for b in engine.budgets), provenance)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,9 +292,11 @@ def build_engines(art_dir: str | os.PathLike, plan: BuildPlan, options: BuildOpt
     logger.info("build: %d engine(s) with TensorRT %s on %s (sm %s)", len(plan.engines), env.tensorrt_version,
                 env.gpu_name, env.compute_capability)
     start = time.perf_counter()
-    built, reused = [], []
+    built: list[str] = []
+    reused: list[str] = []
+    verified: set[str] = set()
     for engine in tqdm(plan.engines, desc="engines", unit="engine", leave=False):
-        onnx = _check_onnx(manifest, root, engine, options.verify_onnx)
+        onnx = _check_onnx(manifest, root, engine, options.verify_onnx, verified)
         spec = None if options.force else _up_to_date(manifest, root, engine, env)
         if spec is not None:
             logger.info("%s is up to date; reused", engine.name)
@@ -281,8 +314,7 @@ def build_engines(art_dir: str | os.PathLike, plan: BuildPlan, options: BuildOpt
         inputs_sha256=sha256_json(sorted(e.settings_sha256() for e in plan.engines)),
         settings=asdict(plan.options),
         seconds=round(time.perf_counter() - start, 3),
-        tool_versions={"tensorrt": env.tensorrt_version, "polygraphy": _version("polygraphy"),
-                       "uniref-deploy": _version("uniref-deploy")},
+        tool_versions={"tensorrt": env.tensorrt_version, "uniref-deploy": _version("uniref-deploy")},
         results={"built": built, "reused": reused, "gpu_name": env.gpu_name,
                  "compute_capability": env.compute_capability,
                  "skipped": [asdict(s) for s in plan.skipped]},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,9 @@ from .budget import Budget
 from .errors import ManifestError, UnirefError
 from .fileio import atomic_write_text, sha256_file
 
-SCHEMA_VERSION = 2  # 2: engine budgets in pixels (v1: sides), text_encoder_dir relative to the artifact folder
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: one engine per precision (budgets in pixels), text_encoder_dir relative to the artifact folder
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "bool")
 
@@ -86,25 +89,36 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """One TensorRT plan: a (graph, bucket, precision) with its provenance; ``budget`` is stored in pixels."""
+    """One TensorRT plan: one graph at one precision with one optimization profile per bucket, and provenance.
+
+    ``budgets`` are pixel counts; ``budgets[i]`` is the bucket of optimization profile ``i``.
+    """
 
     graph: str
-    budget: Budget
     precision: str
     file: str
     sha256: str
+    budgets: tuple[int, ...]
     provenance: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "budget", Budget.coerce(self.budget))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "budget": self.budget.pixels}
+    @property
+    def name(self) -> str:
+        return f"{self.graph}.{self.precision}"
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineSpec:
-        return cls(d["graph"], Budget.from_pixels(int(d["budget"])), d["precision"], d["file"], d["sha256"],
+        return cls(d["graph"], d["precision"], d["file"], d["sha256"], tuple(int(b) for b in d["budgets"]),
                    dict(d.get("provenance", {})))
+
+
+def _migrate_engines(records: list[dict]) -> list[dict]:
+    """Drop engine records of the one-engine-per-bucket layout (a ``budget`` key, no ``budgets``): those plans
+    hold one profile each and are replaced by one engine per precision; ``uniref-deploy build`` rebuilds them."""
+    kept = [r for r in records if "budget" not in r or "budgets" in r]
+    if len(kept) < len(records):
+        logger.warning("dropped %d per-bucket TensorRT engine record(s) of an older layout; re-run "
+                       "`uniref-deploy build` for one engine per precision", len(records) - len(kept))
+    return kept
 
 
 @dataclass(frozen=True)
@@ -251,7 +265,6 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["budgets"] = [b.pixels for b in self.budgets]
-        d["engines"] = [e.to_dict() for e in self.engines]
         return d
 
     def to_json(self) -> str:
@@ -345,10 +358,10 @@ def _absolute(art_dir: str | os.PathLike, data: dict) -> str | None:
 
 
 def _v1_to_v2(d: dict) -> dict:
-    """v1 stored each engine's budget as a side; v2 stores pixels like ``budgets``."""
-    engines = [{**e, "budget": int(e["budget"]) ** 2} if isinstance(e, dict) and "budget" in e else e
-               for e in d.get("engines", ())]
-    return {**d, "engines": engines, "schema_version": 2}
+    """v1 engine records were one plan per bucket (``budget``, a side); v2 has one plan per precision with a
+    profile per bucket (``budgets``, pixels). Per-bucket records are dropped (``_migrate_engines``); paths stay:
+    ``Manifest.load`` resolves a v1 absolute ``text_encoder_dir`` as it is."""
+    return {**d, "engines": _migrate_engines(list(d.get("engines", ()))), "schema_version": 2}
 
 
 MIGRATIONS = {1: _v1_to_v2}  # version -> step to version + 1

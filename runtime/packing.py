@@ -28,10 +28,9 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .budget import PIXELS_PER_TOKEN_SIDE, Budget, trained_budgets
+from .budget import PIXELS_PER_TOKEN_SIDE, Budget
 from .errors import InputError, PackingError
 
-BUDGETS: dict[int, int] = {b.side: b.pixels for b in trained_budgets()}  # side -> pixels (engines/ reads it)
 POLICIES = ("self", "proportional", "per-image")
 MIN_REFERENCE_SIDE = 256  # a budget holds at most B // MIN_REFERENCE_SIDE**2 references (16 / 36 / 64)
 
@@ -166,11 +165,6 @@ def as_budget(budget: Budget | int) -> Budget:
         return Budget.coerce(budget)
     except InputError as err:
         raise PackingError(err.message, err.hint) from None
-
-
-def budget_pixels(budget: Budget | int) -> int:
-    """Deprecated: use ``Budget.coerce(budget).pixels``; kept only until engines/ takes :class:`Budget`."""
-    return as_budget(budget).pixels
 
 
 def max_references(budget: Budget | int) -> int:

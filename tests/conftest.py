@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,44 @@ def copy_artifacts(tiny_artifacts: Path, tmp_path: Path):
         return dst
 
     return make
+
+
+# --- the TensorRT stand-in (tests/fakes) --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_tensorrt_modules() -> Iterator[types.ModuleType]:
+    """Put the test-only ``tensorrt`` and ``cuda.bindings.runtime`` stand-ins (tests/fakes) in ``sys.modules``.
+
+    They run plans with ONNX Runtime on fake device memory; results are never TensorRT results. Yields the fake
+    ``tensorrt`` module (its ``fake_cudart`` sibling holds the device state). Everything is restored afterwards.
+    """
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).parent / "fakes"))
+        import fake_cudart
+        import fake_tensorrt
+
+        fake_cudart.reset()
+        cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+        cuda.__path__, bindings.__path__ = [], []  # packages, so `from cuda.bindings import runtime` resolves
+        cuda.bindings, bindings.runtime = bindings, fake_cudart
+        for name, module in (("tensorrt", fake_tensorrt), ("cuda", cuda), ("cuda.bindings", bindings),
+                             ("cuda.bindings.runtime", fake_cudart)):
+            mp.setitem(sys.modules, name, module)
+        yield fake_tensorrt
+
+
+@pytest.fixture
+def fake_trt() -> Iterator[types.ModuleType]:
+    """The TensorRT stand-in for one test (a fresh fake device)."""
+    with fake_tensorrt_modules() as trt:
+        yield trt
+
+
+@pytest.fixture(scope="module")
+def fake_trt_module() -> Iterator[types.ModuleType]:
+    """The TensorRT stand-in for a whole test module (engines built once are shared by its tests)."""
+    with fake_tensorrt_modules() as trt:
+        yield trt

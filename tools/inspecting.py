@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from uniref_deploy.runtime.artifacts import CALIBRATION_REPORT, ENGINE_PLAN, VALIDATION_REPORT
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.manifest import Manifest
-
-PLAN_KEYS = ("graph", "budget", "precision", "engine_file")
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -41,8 +40,8 @@ def inspect_artifacts(art: str | Path) -> dict:
                        "inputs": _axes(g.inputs), "outputs": _axes(g.outputs), "info": g.info})
     buckets = [{"name": b.name, "side": b.side, "pixels": b.pixels, "max_image_tokens": b.max_image_tokens}
                for b in m.budgets]
-    engines = [{"graph": e.graph, "budget": e.budget.name, "pixels": e.budget.pixels, "precision": e.precision,
-                "file": e.file, "present": (art / e.file).is_file(), "provenance": e.provenance} for e in m.engines]
+    engines = [{"graph": e.graph, "precision": e.precision, "file": e.file, "budgets": list(e.budgets),
+                "present": (art / e.file).is_file(), "provenance": e.provenance} for e in m.engines]
     calibrated = m.stage("calibrate")
     return {
         "artifacts": str(art), "schema_version": m.schema_version, "family": m.model.family,
@@ -53,6 +52,10 @@ def inspect_artifacts(art: str | Path) -> dict:
                     "tool_versions": s.tool_versions} for s in m.stages],
         "engine_plan": _read_json(art / ENGINE_PLAN),
     }
+
+
+def _bucket(pixels: object) -> str:
+    return f"b{Budget.from_pixels(pixels).name}" if isinstance(pixels, int) and pixels > 0 else "?"
 
 
 def _shape(spec: dict) -> str:
@@ -80,8 +83,9 @@ def format_text(info: dict) -> str:
                                  for b in info["buckets"]]
     lines += ["", "engines:" + ("" if info["engines"] else " none built")]
     for e in info["engines"]:
-        lines.append(f"  {e['graph']:<12} b{e['budget']} {e['precision']:<5} {e['file']} "
-                     f"{'' if e['present'] else 'MISSING '}{_short(e['provenance'], 70)}")
+        lines.append(f"  {e['graph']:<12} {e['precision']:<5} {e['file']} {'' if e['present'] else 'MISSING '}"
+                     f"profiles {', '.join(_bucket(b) for b in e['budgets'])}")
+        lines.append(f"      {_short({k: v for k, v in e['provenance'].items() if k != 'profiles'}, 100)}")
     rows = info["validation"] or []
     lines += ["", "validation:" + ("" if rows else " none")]
     for v in rows:
@@ -97,5 +101,9 @@ def format_text(info: dict) -> str:
     else:
         items = plan["engines"]
         lines += ["", f"engine plan: {len(items)} engine(s) planned"]
-        lines += [f"  {_short({k: it[k] for k in PLAN_KEYS if k in it}, 100)}" for it in items[:20]]
+        for it in items[:20]:
+            lines.append(f"  {it['engine_file']} from {it['onnx_file']}")
+            for i, prof in enumerate(it.get("profiles", [])):
+                axes = ", ".join(f"{a} {r['min']}/{r['opt']}/{r['max']}" for a, r in prof.get("axes", {}).items())
+                lines.append(f"      profile {i}: {_bucket(prof.get('budget'))}: {axes}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Tests for the engine build plan (``engines/plan.py``), the loader wiring and the ``build`` verb, on CPU.
+"""Tests for the engine build plan (``engines/plan.py``, ``ranges.py``, ``records.py``, ``render.py``) and the
+``build`` verb, on CPU.
 
 The profile ranges are checked three ways: exact values per bucket, coverage (random profiled requests packed by
 ``runtime.packing`` fit every profile) and tightness (each end of each range is reached by a legal request).
@@ -16,21 +17,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from uniref_deploy.engines.plan import (
-    PLAN_FILE,
-    BuildPlan,
-    PlanOptions,
+from uniref_deploy.engines.plan import make_plan
+from uniref_deploy.engines.ranges import (
     axis_ranges,
-    format_table,
     image_token_range,
     input_shapes,
-    make_plan,
-    polygraphy_command,
-    polygraphy_commands,
     reference_side_range,
     target_side_range,
 )
+from uniref_deploy.engines.records import PLAN_FILE, BuildPlan, PlanOptions
+from uniref_deploy.engines.render import format_table, polygraphy_command, polygraphy_commands
 from uniref_deploy.runtime._lazy import is_available
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import InputError, ManifestError, PackingError
 from uniref_deploy.runtime.graphs import graph_io
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, ModelConfig, TensorSpec
@@ -39,6 +37,7 @@ from uniref_deploy.runtime.text import MAX_TEXT_TOKENS
 from uniref_deploy.tools.cli import main
 
 SIDES = tuple(BUDGETS)
+B = {side: Budget.from_side(side) for side in SIDES}
 # longest reference side / target side per bucket at aspects up to 8:1 (see the module docstring of plan.py)
 LONGEST = {1024: (2912, 2912), 1536: (4320, 4336), 2048: (5792, 5808)}
 
@@ -61,7 +60,12 @@ def _manifest(zero_cond_t: bool = False, budgets=(1024, 1536, 2048)) -> Manifest
     config = _config(zero_cond_t)
     graphs = [_graph("dit", "fp32", config), _graph("dit", "fp16", config), _graph("vae_encoder", "fp32", config),
               _graph("vae_decoder", "fp32", config), _graph("vae_decoder", "fp16", config)]
-    return Manifest(config, budgets=tuple(budgets), graphs=tuple(graphs))
+    return Manifest(config, budgets=tuple(b * b for b in budgets), graphs=tuple(graphs))  # stored as pixels
+
+
+def _profile(plan: BuildPlan, engine: str, side: int):
+    """The profile of bucket ``side`` in ``engine``."""
+    return next(p for p in plan.engine(engine).profiles if p.budget == B[side])
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +81,33 @@ def full_plan(manifest) -> BuildPlan:
 # --- engines, files, skips ---------------------------------------------------------------------------------
 
 
-def test_engines_per_bucket_and_precision(manifest):
+def test_one_engine_per_graph_and_precision_with_a_profile_per_bucket(manifest):
     plan = make_plan(manifest, (2048, 1024), ("fp16", "fp32", "fp8"))
-    assert [e.name for e in plan.engines] == [
-        "dit.b1024.fp16", "dit.b1024.fp32", "vae_encoder.b1024.fp32", "vae_decoder.b1024.fp16",
-        "dit.b2048.fp16", "dit.b2048.fp32", "vae_encoder.b2048.fp32", "vae_decoder.b2048.fp16",
-    ]
-    dit = plan.engine("dit.b1024.fp16")
-    assert dit.engine_file == "engines/dit.b1024.fp16.plan"
+    assert [e.name for e in plan.engines] == ["dit.fp16", "dit.fp32", "vae_encoder.fp32", "vae_decoder.fp16"]
+    assert all(e.budgets == (B[1024], B[2048]) for e in plan.engines)  # profile order = bucket order
+    dit = plan.engine("dit.fp16")
+    assert dit.engine_file == "engines/dit.fp16.plan"
     assert (dit.onnx_file, dit.onnx_sha256) == ("onnx/dit.fp16.onnx", manifest.graph("dit", "fp16").sha256)
     assert dit.strongly_typed and dit.builder_optimization_level == 3 and not dit.refittable
-    assert [(s.graph, s.budget, s.precision) for s in plan.skipped] == [("dit", 1024, "fp8"), ("dit", 2048, "fp8")]
+    assert [(s.graph, s.precision) for s in plan.skipped] == [("dit", "fp8")]
     assert "calibrate" in plan.skipped[0].reason
+
+
+def test_three_budgets_give_one_dit_engine_per_precision_with_three_profiles(manifest):
+    plan = make_plan(manifest, SIDES, ("fp16", "fp32"))
+    dits = [e for e in plan.engines if e.graph == "dit"]
+    assert [e.precision for e in dits] == ["fp16", "fp32"]
+    for e in plan.engines:
+        assert [p.budget.side for p in e.profiles] == list(SIDES)
+        assert [p.axis(next(iter(dict(p.axes)))).max for p in e.profiles] == sorted(
+            p.axis(next(iter(dict(p.axes)))).max for p in e.profiles)
 
 
 def test_missing_bf16_and_vae_are_skipped_with_reasons():
     config = _config()
     m = Manifest(config, budgets=(1024,), graphs=(_graph("dit", "fp16", config),))
     plan = make_plan(m, (1024,), ("bf16", "fp16"))
-    assert [e.name for e in plan.engines] == ["dit.b1024.fp16"]
+    assert [e.name for e in plan.engines] == ["dit.fp16"]
     reasons = {f"{s.graph}.{s.precision}": s.reason for s in plan.skipped}
     assert "--dtypes including bf16" in reasons["dit.bf16"]
     assert "vae_encoder" in reasons["vae_encoder.fp16"]
@@ -104,6 +116,7 @@ def test_missing_bf16_and_vae_are_skipped_with_reasons():
 @pytest.mark.parametrize("budgets, precisions, match", [
     ((1024,), ("int8",), "Unknown precision"),
     ((1000,), ("fp16",), "not a trained budget"),
+    ((1024 * 1000,), ("fp16",), "not a trained budget"),
     ((), ("fp16",), "No budgets"),
 ])
 def test_bad_requests(manifest, budgets, precisions, match):
@@ -115,7 +128,8 @@ def test_budget_must_be_exported():
     with pytest.raises(InputError, match="not among these artifacts' budgets"):
         make_plan(_manifest(budgets=(1024,)), (2048,), ("fp16",))
     # pixel counts are accepted too; a manifest without budgets allows any trained one
-    assert make_plan(_manifest(budgets=()), (2048 * 2048,), ("fp16",)).engines[0].budget == 2048
+    assert make_plan(_manifest(budgets=()), (2048 * 2048,), ("fp16",)).engines[0].budgets == (B[2048],)
+    assert make_plan(_manifest(budgets=()), (B[1536],), ("fp16",)).engines[0].budgets == (B[1536],)
 
 
 @pytest.mark.parametrize("kwargs", [{"builder_optimization_level": 6}, {"weight_streaming_budget": -1},
@@ -146,7 +160,7 @@ def test_weight_streaming_is_dit_only(manifest):
 
 @pytest.mark.parametrize("side", SIDES)
 def test_dit_profile(full_plan, side):
-    prof = full_plan.engine(f"dit.b{side}.fp16").profiles[0]
+    prof = _profile(full_plan, "dit.fp16", side)
     n = 2 * side * side // 256  # 8192 / 18432 / 32768
     assert prof["hidden_states"].min == (1, 1, 64)
     assert prof["hidden_states"].opt == (1, n, 64)
@@ -164,7 +178,7 @@ def test_dit_profile(full_plan, side):
 
 def test_dit_profile_options():
     plan = make_plan(_manifest(zero_cond_t=True), (1024,), ("fp16",), PlanOptions(cfg_batch=True, opt_text_tokens=128))
-    prof = plan.engine("dit.b1024.fp16").profiles[0]
+    prof = plan.engine("dit.fp16").profiles[0]
     assert prof["modulate_index"].max == (8192,)
     assert prof["hidden_states"].opt == (2, 8192, 64)
     assert prof["encoder_hidden_states"].opt == (2, 128, 3584)
@@ -173,17 +187,17 @@ def test_dit_profile_options():
 @pytest.mark.parametrize("side", SIDES)
 def test_vae_profiles(full_plan, side):
     ref_max, tgt_max = LONGEST[side]
-    enc = full_plan.engine(f"vae_encoder.b{side}.fp32").profiles[0]["image"]
+    enc = _profile(full_plan, "vae_encoder.fp32", side)["image"]
     assert (enc.min, enc.opt, enc.max) == ((1, 3, 32, 32), (1, 3, side, side), (1, 3, ref_max, ref_max))
-    dec = full_plan.engine(f"vae_decoder.b{side}.fp16").profiles[0]["latent"]
+    dec = _profile(full_plan, "vae_decoder.fp16", side)["latent"]
     lat = tgt_max // 8
     assert (dec.min, dec.opt, dec.max) == ((1, 16, 2, 2), (1, 16, side // 8, side // 8), (1, 16, lat, lat))
 
 
 def test_max_aspect_narrows_the_vae_boxes():
-    assert reference_side_range(1024, 4).max == 2048
-    assert target_side_range(1024, 4).max == 2048
-    assert reference_side_range(1024, 1).max == 1024
+    assert reference_side_range(B[1024], 4).max == 2048
+    assert target_side_range(B[1024], 4).max == 2048
+    assert reference_side_range(B[1024], 1).max == 1024
 
 
 # --- profiles: coverage ------------------------------------------------------------------------------------
@@ -221,16 +235,16 @@ def profiled_requests(draw):
 @given(profiled_requests())
 def test_every_profiled_request_fits_its_bucket(full_plan, request_):
     side, layout, text_tokens, batch = request_
-    dit = full_plan.engine(f"dit.b{side}.fp16")
+    dit = _profile(full_plan, "dit.fp16", side)
     dit_in, _ = graph_io("dit", _config())
     axes = {"batch": batch, "img_tokens": layout.num_image_tokens, "txt_tokens": text_tokens}
-    assert dit.profiles[0].holds(input_shapes(dit_in, axes)), axes
+    assert dit.holds(input_shapes(dit_in, axes)), axes
     enc_in, _ = graph_io("vae_encoder", _config())
-    enc = full_plan.engine(f"vae_encoder.b{side}.fp32").profiles[0]
+    enc = _profile(full_plan, "vae_encoder.fp32", side)
     for ref in layout.references:
         assert enc.holds(input_shapes(enc_in, {"batch": 1, "height": ref.height, "width": ref.width})), ref
     dec_in, _ = graph_io("vae_decoder", _config())
-    dec = full_plan.engine(f"vae_decoder.b{side}.fp16").profiles[0]
+    dec = _profile(full_plan, "vae_decoder.fp16", side)
     t = layout.target
     assert dec.holds(input_shapes(dec_in, {"batch": 1, "latent_height": t.latent_h, "latent_width": t.latent_w})), t
 
@@ -238,7 +252,7 @@ def test_every_profiled_request_fits_its_bucket(full_plan, request_):
 @pytest.mark.parametrize("side", SIDES)
 def test_single_reference_scan_stays_inside(side):
     """Every aspect on a 1/1000 grid from 1:8 to 8:1: the reference and default target never pass the max."""
-    ref_max, tgt_max = reference_side_range(side).max, target_side_range(side).max
+    ref_max, tgt_max = reference_side_range(B[side]).max, target_side_range(B[side]).max
     longest_ref = longest_tgt = 0
     for w in range(125, 8001, 3):
         for size in ((w, 1000), (1000, w)):
@@ -252,7 +266,7 @@ def test_single_reference_scan_stays_inside(side):
 
 @pytest.mark.parametrize("side", SIDES)
 def test_given_side_scan_stays_inside(side):
-    tgt_max, longest = target_side_range(side).max, 0
+    tgt_max, longest = target_side_range(B[side]).max, 0
     for given_side in range(16, 8 * side + 1, 16):
         for ratio in ((8, 1), (79, 10), (7, 1), (4, 1), (1, 1)):
             with contextlib.suppress(PackingError):
@@ -268,25 +282,25 @@ def test_given_side_scan_stays_inside(side):
 @pytest.mark.parametrize("side", SIDES)
 def test_ranges_are_tight(side):
     pixels = side * side
-    tokens = image_token_range(side)
+    tokens = image_token_range(B[side])
     assert pack_references([], side, width=16, height=16).num_image_tokens == tokens.min == 1
     full = pack_references([(side, side)], side)
     assert full.num_target_tokens == full.num_reference_tokens == pixels // 256
     assert full.num_image_tokens == tokens.max == tokens.opt == 2 * pixels // 256
 
-    ref = reference_side_range(side)
+    ref = reference_side_range(B[side])
     assert pack_references([(side, side), (1, 1)], side, policy="proportional").references[1].width == ref.min == 32
     assert pack_references([(8, 1)], side).references[0].width == ref.max
     assert pack_references([(3, 3)], side).references[0].width == ref.opt == side
 
-    tgt = target_side_range(side)
+    tgt = target_side_range(B[side])
     assert pack_references([], side, width=16, height=16).target.width == tgt.min == 16
     reached = max(max(target_size([(8, 1)], side)), *(
         max(target_size([(8, 1)], side, width=w)) for w in range(tgt.max, tgt.max - 160, -16)
         if _legal(lambda w=w: target_size([(8, 1)], side, width=w))))
     assert reached == tgt.max
 
-    dit = axis_ranges("dit", side, PlanOptions())
+    dit = axis_ranges("dit", B[side], PlanOptions())
     assert (dit["txt_tokens"].min, dit["txt_tokens"].max) == (1, MAX_TEXT_TOKENS)
 
 
@@ -300,13 +314,13 @@ def _legal(call) -> bool:
 
 def test_a_wider_aspect_leaves_the_profile():
     """The VAE boxes stop at 8:1; a 9:1 reference is outside (the TensorRT backend would refuse it)."""
-    assert pack_references([(9, 1)], 1024).references[0].width > reference_side_range(1024).max
+    assert pack_references([(9, 1)], 1024).references[0].width > reference_side_range(B[1024]).max
 
 
 def test_per_image_can_overflow_the_bucket():
     """per-image (diffusers parity) rounds each image at area B and may exceed 2*B/256 tokens."""
     layout = pack_references([(4, 3)], 1024, policy="per-image")
-    assert layout.num_image_tokens > image_token_range(1024).max
+    assert layout.num_image_tokens > image_token_range(B[1024]).max
 
 
 # --- JSON, hashes, rendering -------------------------------------------------------------------------------
@@ -325,7 +339,10 @@ def test_json_rejects_other_schema(full_plan):
     with pytest.raises(ManifestError, match="schema"):
         BuildPlan.from_json(json.dumps(data))
     with pytest.raises(ManifestError, match="malformed"):
-        BuildPlan.from_json('{"schema_version": 1}')
+        BuildPlan.from_json('{"schema_version": 2}')
+    data["schema_version"] = 1  # the one-engine-per-bucket layout
+    with pytest.raises(ManifestError, match="schema 1 is not supported"):
+        BuildPlan.from_json(json.dumps(data))
 
 
 def test_settings_hash(manifest):
@@ -340,9 +357,12 @@ def test_settings_hash(manifest):
 def test_format_table(manifest):
     plan = make_plan(manifest, (1024,), ("fp16", "fp8"))
     text = format_table(plan)
-    assert "engines/dit.b1024.fp16.plan" in text and "onnx/dit.fp16.onnx" in text
+    assert "engines/dit.fp16.plan" in text and "onnx/dit.fp16.onnx" in text
     assert any(line.split()[-4:] == ["img_tokens", "1", "8192", "8192"] for line in text.splitlines())
-    assert "skipped dit.b1024.fp8" in text
+    assert "skipped dit.fp8" in text
+    two = format_table(make_plan(manifest, (1024, 2048), ("fp16",)))
+    assert "0: b1024" in two and "1: b2048" in two
+    assert any(line.split()[-4:] == ["img_tokens", "1", "32768", "32768"] for line in two.splitlines())
 
 
 # --- polygraphy command lines ------------------------------------------------------------------------------
@@ -384,39 +404,18 @@ def test_polygraphy_commands_parse(manifest, convert_parser, tmp_path):
         assert bool(args.weight_streaming) == (engine.graph == "dit")
         assert args.load_timing_cache == args.save_timing_cache == str(tmp_path / "my art" / "engines/timing.cache")
         for key, given_ in (("min", args.trt_min_shapes), ("opt", args.trt_opt_shapes), ("max", args.trt_max_shapes)):
-            (group,) = given_  # one profile
-            meta = parse_meta(group, includes_dtype=False)
-            profile = engine.profiles[0]
-            assert list(meta.keys()) == list(profile.names)
-            for name in profile.names:
-                assert tuple(meta[name].shape) == getattr(profile[name], key)
+            assert len(given_) == len(engine.profiles) == 2  # one group per profile, in bucket order
+            for group, profile in zip(given_, engine.profiles, strict=True):
+                meta = parse_meta(group, includes_dtype=False)
+                assert list(meta.keys()) == list(profile.names)
+                for name in profile.names:
+                    assert tuple(meta[name].shape) == getattr(profile[name], key)
 
 
 def test_polygraphy_command_defaults_have_no_optional_flags(full_plan):
     argv = polygraphy_command(full_plan.engines[0], "ART")
     assert "--refittable" not in argv and "--weight-streaming" not in argv
     assert argv[2] == "ART/onnx/dit.fp16.onnx"
-
-
-def test_engine_loader_wiring(full_plan, tmp_path):
-    """The polygraphy loader chain is built (not run) with the plan's profile and flags; no TensorRT needed."""
-    pytest.importorskip("polygraphy")
-    from uniref_deploy.engines.build import engine_loader
-
-    engine = full_plan.engine("dit.b1024.fp16")
-    save = engine_loader(tmp_path / "dit.onnx", engine, tmp_path / "out.plan", tmp_path / "timing.cache")
-    assert save.path == str(tmp_path / "out.plan")
-    build = save._engine
-    network, config = build._network, build._config
-    assert network.path == str(tmp_path / "dit.onnx") and network.strongly_typed
-    assert build.timing_cache_path == str(tmp_path / "timing.cache")
-    assert config.timing_cache_path is None  # no cache yet: nothing to load
-    assert config.builder_optimization_level == 3 and not config.refittable
-    (profile,) = config.profiles
-    for name, rng in engine.profiles[0].shapes:
-        assert (tuple(profile[name].min), tuple(profile[name].opt), tuple(profile[name].max)) == (
-            rng.min, rng.opt, rng.max)
-    assert not (config.fp16 or config.bf16 or config.fp8)  # precision comes from the strongly typed ONNX
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
@@ -431,17 +430,18 @@ def art_dir(tmp_path):
 def test_cli_dry_run(art_dir, capsys):
     assert main(["build", str(art_dir), "--budgets", "1024,2048", "--precision", "fp16,fp8", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "engines/dit.b2048.fp16.plan" in out and "skipped dit.b1024.fp8" in out
+    assert "engines/dit.fp16.plan" in out and "skipped dit.fp8" in out
     commands = [line for line in out.splitlines() if line.startswith("polygraphy convert")]
-    assert len(commands) == 6 and f"{art_dir}/engines/vae_decoder.b2048.fp16.plan" in commands[-1]
+    assert len(commands) == 3 and f"{art_dir}/engines/vae_decoder.fp16.plan" in commands[-1]
+    assert all(c.count("--trt-max-shapes") == 2 for c in commands)
     written = BuildPlan.from_json((art_dir / PLAN_FILE).read_text())
-    assert [e.name for e in written.engines][0] == "dit.b1024.fp16"
+    assert [e.name for e in written.engines] == ["dit.fp16", "vae_encoder.fp32", "vae_decoder.fp16"]
 
 
 def test_cli_dry_run_json_defaults_to_manifest_budgets(art_dir, capsys):
     assert main(["build", str(art_dir), "--dry-run", "--json"]) == 0
     plan = BuildPlan.from_json(capsys.readouterr().out)
-    assert sorted({e.budget for e in plan.engines}) == [1024, 2048]
+    assert {e.budgets for e in plan.engines} == {(B[1024], B[2048])}
 
 
 def test_cli_bad_precision(art_dir, capsys):
@@ -458,7 +458,7 @@ def test_cli_build_without_tensorrt_exits_2(art_dir, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("error: Cannot build TensorRT engines") and "TensorRT" in err and "--dry-run" in err
-    assert not (art_dir / "engines" / "dit.b1024.fp16.plan").exists()
+    assert not (art_dir / "engines" / "dit.fp16.plan").exists()
 
 
 @pytest.mark.skipif(is_available("tensorrt"), reason="TensorRT is installed here")

@@ -45,25 +45,29 @@ def test_budgets_are_pixels_on_disk_and_budgets_in_memory(tmp_path: Path) -> Non
     from uniref_deploy.runtime.budget import Budget
     from uniref_deploy.runtime.manifest import EngineSpec
 
-    engine = EngineSpec("dit", Budget.from_side(1024), "fp16", "engines/dit.b1024.fp16.plan", "0" * 64)
+    engine = EngineSpec("dit", "fp16", "engines/dit.fp16.plan", "0" * 64, (1024 * 1024,))
     manifest = Manifest(ModelConfig("qwen-image", {}, {}, {}), engines=(engine,)).with_budgets((1536, 1024 * 1024))
     manifest.save(tmp_path)
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["budgets"] == [1024 * 1024, 1536 * 1536] and raw["engines"][0]["budget"] == 1024 * 1024
+    assert raw["schema_version"] == 2 and raw["budgets"] == [1024 * 1024, 1536 * 1536]
+    assert raw["engines"][0]["budgets"] == [1024 * 1024]
     loaded = Manifest.load(tmp_path)
     assert loaded == manifest and loaded.largest_budget == Budget.from_side(1536)
 
 
 def test_schema_1_manifests_are_migrated_on_load(tmp_path: Path) -> None:
-    """v1 recorded engine budgets as sides; loading converts them to pixels and bumps the version."""
+    """v1 could hold per-bucket engine records (``budget``, a side): they are dropped (``build`` remakes them as one
+    engine per precision); records of the per-precision layout and the budgets are kept."""
+    per_precision = {"graph": "vae_decoder", "precision": "fp16", "file": "engines/vae_decoder.fp16.plan",
+                     "sha256": "1" * 64, "budgets": [1024 * 1024]}
     v1 = {"schema_version": 1, "model": {"family": "qwen-image", "transformer": {}, "vae": {}, "scheduler": {}},
           "budgets": [1024 * 1024], "graphs": [], "stages": [],
           "engines": [{"graph": "dit", "budget": 1024, "precision": "fp16", "file": "engines/dit.b1024.fp16.plan",
-                       "sha256": "0" * 64}]}
+                       "sha256": "0" * 64}, per_precision]}
     (tmp_path / "manifest.json").write_text(json.dumps(v1))
     loaded = Manifest.load(tmp_path)
     assert loaded.schema_version == 2
-    assert loaded.engines[0].budget.pixels == 1024 * 1024 and loaded.engines[0].budget.side == 1024
+    assert [(e.graph, e.budgets) for e in loaded.engines] == [("vae_decoder", (1024 * 1024,))]
     assert [b.pixels for b in loaded.budgets] == [1024 * 1024]
 
 

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uniref_deploy.runtime.budget import trained_budgets
 from uniref_deploy.runtime.errors import PackingError
 from uniref_deploy.runtime.packing import (
-    BUDGETS,
     POLICIES,
     ImageSlot,
     PackedLayout,
@@ -35,6 +35,7 @@ from uniref_deploy.runtime.packing import (
     target_size,
 )
 
+BUDGETS = {b.side: b.pixels for b in trained_budgets()}  # side -> pixels
 SIDES = st.integers(16, 8192)
 
 

@@ -1,4 +1,5 @@
-"""`uniref-deploy build ART`: plan TensorRT engines per (bucket x precision) and build them, or print the plan."""
+"""`uniref-deploy build ART`: plan one TensorRT engine per (graph x precision) with a profile per bucket, and build
+them, or print the plan."""
 
 from __future__ import annotations
 
@@ -40,16 +41,10 @@ def _parse_bytes(text: str | None) -> int | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the built engines) as JSON.")
 def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget, refittable, force, dry_run,
             as_json) -> None:
-    """Build one TensorRT engine per (bucket x precision) for the artifacts in ART_DIR."""
-    from uniref_deploy.engines.plan import (
-        PRECISIONS,
-        PlanOptions,
-        format_table,
-        make_plan,
-        polygraphy_commands,
-        save_plan,
-    )
-    from uniref_deploy.runtime.budget import trained_budgets
+    """Build one TensorRT engine per (graph x precision), one profile per bucket, for the artifacts in ART_DIR."""
+    from uniref_deploy.engines.plan import PRECISIONS, PlanOptions, make_plan, save_plan
+    from uniref_deploy.engines.render import format_table, polygraphy_commands
+    from uniref_deploy.runtime.budget import Budget, trained_budgets
     from uniref_deploy.runtime.errors import MissingDependencyError
     from uniref_deploy.runtime.manifest import Manifest
     from uniref_deploy.tools.options import parse_budgets, parse_list
@@ -77,7 +72,7 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
         raise MissingDependencyError(f"Cannot build TensorRT engines: {reason}.",
                                      "`uniref-deploy build ART --dry-run` prints the plan and polygraphy commands.")
     if not plan.engines:
-        reasons = "; ".join(f"{s.graph}.b{s.budget}.{s.precision}: {s.reason}" for s in plan.skipped)
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped)
         raise InputError(f"Nothing to build ({reasons}).")
     manifest = build_engines(art_dir, plan, BuildOptions(force=force))
     record = manifest.stage("build")
@@ -88,9 +83,10 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
         return
     for e in engines:
         p = e.provenance
-        click.echo(f"{e.file}  {p['engine_bytes'] / 2**20:9.1f} MiB  {p['build_seconds']:7.1f} s  "
+        profiles = ",".join(Budget.from_pixels(b).name for b in e.budgets)
+        click.echo(f"{e.file}  profiles {profiles}  {p['engine_bytes'] / 2**20:9.1f} MiB  {p['build_seconds']:7.1f} s  "
                    f"TensorRT {p['tensorrt_version']} sm {p['compute_capability']}")
     for s in plan.skipped:
-        click.echo(f"skipped {s.graph}.b{s.budget}.{s.precision}: {s.reason}")
+        click.echo(f"skipped {s.name}: {s.reason}")
     click.echo(f"built {len(record.results['built'])}, reused {len(record.results['reused'])} "
                f"in {record.seconds:.1f} s")
