@@ -87,5 +87,9 @@ def test_fixed_buckets_need_a_compiled_budget() -> None:
         pipe.check_budget(Budget.from_side(1536))
 
 
-def test_without_compiled_budgets_anything_goes() -> None:
-    _pipeline(False, None).check_budget(Budget.from_side(4096))
+def test_without_compiled_budgets_any_budget_up_to_the_largest_trained_goes() -> None:
+    pipe = _pipeline(False, None)
+    pipe.check_budget(Budget.from_side(2048))
+    pipe.check_budget(Budget.parse("640x480"))
+    with pytest.raises(InputError, match="largest trained budget"):
+        pipe.check_budget(Budget.from_side(4096))
