@@ -100,7 +100,7 @@ def tiny_external_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     have), no validation, no ORT fusions; the model sits in ``ART/source``. ~40 s. Copy it before writing."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("diffusers")
-    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.presets import build_preset
     from uniref_deploy.tools.reliability_sweep import build_artifact
 
     art = tmp_path_factory.mktemp("external") / "art"

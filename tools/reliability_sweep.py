@@ -89,7 +89,7 @@ def build_artifact(out: Path, model_dir: Path | None = None) -> Path:
     """Export the tiny preset to ``out`` (fp32, no validation, external data forced); returns ``out``."""
     from uniref_deploy.export import graph_export
     from uniref_deploy.export.exporter import ExportOptions, export_onnx
-    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.presets import build_preset
 
     model_dir = model_dir or build_preset("tiny", out.parent / "tiny-model", seed=0)
     saved = graph_export.EXTERNAL_DATA_THRESHOLD
@@ -512,7 +512,7 @@ def sweep(work: Path, art: Path | None = None, kills: bool = True) -> SweepRepor
 
     work.mkdir(parents=True, exist_ok=True)
     if art is None:
-        from uniref_deploy.export.presets import build_preset
+        from uniref_deploy.presets import build_preset
 
         art = work / "art"
         build_artifact(art, build_preset("tiny", art / "source", seed=0))

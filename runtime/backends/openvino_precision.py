@@ -123,8 +123,14 @@ def graph_precisions(manifest: Manifest, art_dir: str | Path, precision: str | N
 
 
 def _save_record(art_dir: str | Path, record: StageRecord) -> None:
+    """Add ``record`` to the manifest under the artifact folder's write lock; skipped (with a warning) when the
+    folder is read-only or a write stage holds the lock, so a reader never blocks or races a writer."""
+    from ..errors import UnirefError
+    from ..locking import artifact_lock
+
     try:
-        Manifest.load(art_dir).with_stage(record).save(art_dir)
-    except OSError as err:
+        with artifact_lock(art_dir, "openvino-precision"):
+            Manifest.load(art_dir).with_stage(record).save(art_dir)
+    except (OSError, UnirefError) as err:
         logger.warning("cannot record the OpenVINO precision choice in %s (%s); it is measured again next start",
                        art_dir, err)
