@@ -1,19 +1,29 @@
 """The export stage: diffusers folder -> ONNX graphs (DiT, VAE encoder, VAE decoder) + manifest + reports.
 
-``export_onnx(model_dir, art_dir, ExportOptions(...))`` exports every requested precision, lints each graph for
-TensorRT, validates it against torch with ONNX Runtime, and records everything in ``ART/manifest.json``. A re-run
-whose inputs (model configs and weight fingerprints, options, tool versions) hash the same is skipped.
+``export_onnx(model_dir, art_dir, ExportOptions(...))`` runs these steps, one function each:
+
+    _plan            configs, settings, the input hash (an unchanged re-run is skipped after verifying files)
+    _load_references the fp32 torch modules (lean: the DiT streamed from its checkpoint, never loaded whole)
+    _fp16_islands    per-layer activation ranges -> layers that stay fp32 in the fp16 DiT
+    _jobs            one GraphJob per (graph, precision): how to write it, its reference and samples
+    _export_job      write, TensorRT lint, smoke validation (always: batch 1 and 2, ~300 tokens), full validation
+                     (unless disabled), manifest entry; the fp32 DiT also gets its ORT-fused variant
+    _finish          reports, stage record, manifest; an fp32 graph that missed its tolerance raises
+
+A graph that missed the smoke or full validation is recorded with ``passed: false``; an ORT-fused variant that
+missed either is not recorded at all, and the runtime prefers a fused variant only when it is validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +45,19 @@ from uniref_deploy.runtime.packing import budget_pixels
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
+from .lean_rule import choose_lean, exceeds_ram_fraction
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
-from .samples import dit_sample, vae_decoder_samples, vae_encoder_samples, validation_layouts
+from .samples import (
+    Sample,
+    dit_sample,
+    smoke_samples,
+    vae_decoder_samples,
+    vae_encoder_samples,
+    vae_smoke_samples,
+    validation_layouts,
+)
 from .trt_lint import lint_model
 from .validate import FP32_TOLERANCE, ValidationRow, format_table, validate_graph
 
@@ -52,14 +71,21 @@ Progress = Callable[[str], None]
 class ExportOptions:
     """Args:
     budgets: bucket sides to record and validate (1024, 1536, 2048).
-    dtypes: graph precisions to export ("fp32" always comes first: it is the reference).
+    dtypes: graph precisions to export ("fp32" always comes first: it is the reference; not so in a lean export,
+        where an fp32 DiT of a large model would not fit on disk: there the DiT gets exactly these).
     opset: ONNX opset (>= 17).
-    validate: run the ONNX Runtime vs torch validation.
+    validate: run the full ONNX Runtime vs torch validation (the smoke validation runs regardless).
     validation_target_area: target pixel cap for validation layouts above 1024² (memory bound, see samples.py).
+    validation_area: pack the full validation's layouts at this many pixels instead of each bucket's (None: the
+        bucket's); for real-width models whose S×S attention scores at a full bucket do not fit in memory.
     fp16_safety: layers whose measured |activation| exceeds 65504 / fp16_safety stay fp32 in the fp16 graph.
     force: export even if the inputs are unchanged.
     ort_fusions: also write ``onnx/dit.ort.onnx``, the fp32 DiT with ONNX Runtime contrib-op fusions (validated
         like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).
+    lean: stream the DiT from its safetensors checkpoint into the graph's external data (export/lean.py) instead
+        of loading it; None chooses by the DiT's size against RAM (export/lean_rule.py).
+    consume_shards: (lean, one dtype) DELETE each checkpoint shard once streamed, for disks that cannot hold both
+        the checkpoint and the graph's data; everything that reads the checkpoint runs before the streaming.
     """
 
     budgets: tuple[int, ...] = (1024,)
@@ -67,9 +93,12 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     validate: bool = True
     validation_target_area: int = 512 * 512
+    validation_area: int | None = None
     fp16_safety: float = FP16_SAFETY
     force: bool = False
     ort_fusions: bool = True
+    lean: bool | None = None
+    consume_shards: bool = False
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
@@ -77,6 +106,60 @@ class ExportOptions:
             raise ExportError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
         if self.opset < 17:
             raise ExportError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
+        if self.consume_shards and (self.lean is False or len(set(self.dtypes) - {"fp32"}) > 1):
+            raise ExportError("consume_shards needs a lean export of one precision.",
+                              "pass --lean and a single --dtypes value.")
+        if self.validation_area is not None and self.validation_area < 64 * 64:
+            raise ExportError(f"validation area {self.validation_area} px is too small.",
+                              "give at least 4096 pixels (64x64), e.g. --validation-area 262144.")
+
+
+@dataclass
+class GraphJob:
+    """One graph at one precision: how to write it and what to check it against.
+
+    ``write(path)`` exports the graph and returns extra manifest info; ``reference`` is the fp32 torch module;
+    ``samples`` feed the full validation, ``smoke`` the smoke validation (label, feeds); ``fallback`` builds a torch
+    module standing in for the graph when ONNX Runtime's CPU provider cannot run it (bf16).
+    """
+
+    name: str
+    precision: str
+    write: Callable[[Path], dict]
+    reference: torch.nn.Module
+    samples: list[tuple[str, dict]]
+    smoke: list[tuple[str, dict]]
+    fallback: Callable[[], torch.nn.Module] | None = None
+    info: dict = field(default_factory=dict)
+    twin_smoke: bool = False  # the graph is too large for ONNX Runtime here: smoke-validate a 2-block twin
+
+    @property
+    def file(self) -> str:
+        return graph_file(self.name, self.precision)
+
+
+@dataclass
+class _Run:
+    """The state of one export: what was planned, loaded and recorded so far."""
+
+    model_dir: Path
+    art: Path
+    options: ExportOptions
+    say: Progress
+    config: ModelConfig
+    lean: bool
+    dtypes: tuple[str, ...]
+    settings: dict
+    versions: dict
+    inputs_hash: str
+    manifest: Manifest
+    rope: RopeCache
+    references: dict[str, torch.nn.Module] = field(default_factory=dict)
+    keep_fp32: list[str] = field(default_factory=list)
+    ranges: dict[str, float] = field(default_factory=dict)
+    rows: list[ValidationRow] = field(default_factory=list)
+    lint: dict[str, dict] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -117,119 +200,278 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
         ExportError: export failed or an fp32 graph missed its tolerance (the report is written first).
         ManifestError: ``model_dir`` is not a diffusers folder.
     """
-    say = progress or (lambda msg: logger.info(msg))
-    model_dir, art = Path(model_dir), Path(art_dir)
+    run = _plan(Path(model_dir), Path(art_dir), options, progress or (lambda msg: logger.info(msg)))
+    if _unchanged(run):
+        return run.manifest
+    _load_references(run)
+    _fp16_islands(run)
+    for precision in run.dtypes:
+        for job in _jobs(run, precision):
+            _export_job(run, job)
+    return _finish(run)
+
+
+def export_dtypes(dtypes: tuple[str, ...], lean: bool) -> tuple[str, ...]:
+    """The precisions exported: fp32 first (the reference) and then ``dtypes``; a lean export takes ``dtypes``."""
+    return tuple(dict.fromkeys(dtypes if lean else ("fp32", *dtypes)))
+
+
+def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> _Run:
     config = ModelConfig.from_diffusers_dir(model_dir)
     if config.text_encoder_dir and _is_inside(Path(config.text_encoder_dir), art):
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
-    dtypes = tuple(dict.fromkeys(("fp32", *options.dtypes)))
-    settings = {**asdict(options), "dtypes": list(dtypes)}
+    lean = choose_lean(model_dir, options.lean, say)
+    dtypes = export_dtypes(options.dtypes, lean)
+    settings = {**asdict(options), "dtypes": list(dtypes), "lean": lean}
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
-    manifest = _existing(art, config)
-    previous = manifest.stage("export")
-    if previous and previous.inputs_sha256 == inputs_hash and not options.force:
+    return _Run(model_dir, art, options, say, config, lean, dtypes, settings, versions, inputs_hash,
+                _existing(art, config), RopeCache(RopeConfig.from_transformer_config(config.transformer)))
+
+
+def _unchanged(run: _Run) -> bool:
+    previous = run.manifest.stage("export")
+    if not previous or previous.inputs_sha256 != run.inputs_hash or run.options.force:
+        return False
+    try:
+        run.manifest.verify_files(run.art)
+    except ManifestError as err:
+        run.say(f"export: re-running ({err.message})")
+        return False
+    run.say("export: inputs unchanged, graphs verified; skipped")
+    return True
+
+
+def _load_references(run: _Run) -> None:
+    """The fp32 torch modules the graphs are exported from and checked against."""
+    import diffusers
+
+    run.say(f"export: loading {run.model_dir}" + (" (DiT streamed from its checkpoint: lean)" if run.lean else ""))
+    if run.lean:
+        from .lean_reference import streamed_dit
+
+        dit = streamed_dit(run.model_dir, run.config)
+    else:
+        transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(run.model_dir / "transformer",
+                                                                            torch_dtype=torch.float32).eval()
+        dit = QwenImageDitForExport(transformer).eval()
+    vae = diffusers.AutoencoderKLQwenImage.from_pretrained(run.model_dir / "vae", torch_dtype=torch.float32).eval()
+    run.references = {DIT: dit, VAE_ENCODER: VaeEncoderForExport(vae).eval(), VAE_DECODER: VaeDecoderForExport(vae).eval()}
+
+
+def _dit_args(run: _Run, sample: Sample, timestep: float | None = None) -> tuple[torch.Tensor, ...]:
+    names = [s.name for s in graph_io(DIT, run.config)[0]]
+    feeds = sample.feeds
+    return tuple(torch.from_numpy(np.ascontiguousarray(
+        np.full_like(feeds[n], timestep) if n == "timestep" and timestep is not None else feeds[n])) for n in names)
+
+
+def _fp16_islands(run: _Run) -> None:
+    """Measure per-layer activation ranges (regular: validation layouts along the trajectory; lean: one smoke
+    sample, each call re-reads the checkpoint) and keep the layers near fp16's range in fp32."""
+    if "fp16" not in run.dtypes:
+        return
+    run.say("export: measuring per-layer activation ranges for fp16")
+    dit = run.references[DIT]
+    if run.lean:
+        probe = [_dit_args(run, smoke_samples(run.config, run.rope)[0])]
+    else:
+        samples = _dit_samples(run)
+        probe = [_dit_args(run, s) for s in samples if s.layout.num_image_tokens <= 12288]
+        probe += [_dit_args(run, samples[0], t) for t in (0.98, 0.5, 0.05)]  # along the trajectory
+    run.ranges = measure_activation_ranges(dit, probe)
+    run.keep_fp32 = fp16_overflow_layers(dit, run.ranges, run.options.fp16_safety)
+    run.say(f"export: {len(run.keep_fp32)} layer(s) stay fp32 in the fp16 graph"
+            + (f": {run.keep_fp32}" if run.keep_fp32 else ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _layouts(budget: int, target_area: int, validation_area: int | None) -> list:
+    return validation_layouts(budget, target_area, validation_area)
+
+
+def _dit_samples(run: _Run) -> list[Sample]:
+    opts = run.options
+    return [dit_sample(run.config, lay, txt, pad, seed=i, rope=run.rope) for b in opts.budgets
+            for i, (lay, txt, pad) in enumerate(_layouts(b, opts.validation_target_area, opts.validation_area))]
+
+
+def _jobs(run: _Run, precision: str) -> list[GraphJob]:
+    """The graphs of one precision: the DiT, and the VAE encoder/decoder where ONNX has the precision."""
+    opts, config = run.options, run.config
+    refs = run.references
+    layouts = [s.layout for s in _dit_samples(run)]
+    images, latents = vae_smoke_samples(config)
+    keep = run.keep_fp32 if precision == "fp16" else []
+    dit_smoke = [(f"smoke batch={s.feeds['timestep'].shape[0]} {s.label}", s.feeds)
+                 for s in smoke_samples(config, run.rope)]
+    dit_full = [(s.label, s.feeds) for s in _dit_samples(run)] if opts.validate else []
+    if run.lean:
+        twin = run.options.consume_shards or exceeds_ram_fraction(run.model_dir)
+        if twin and dit_full:
+            run.say("export: the DiT graph does not fit ONNX Runtime in this machine's RAM; full validation skipped")
+        dit = GraphJob(DIT, precision, functools.partial(_write_lean_dit, run, precision, keep), refs[DIT],
+                       [] if twin else dit_full, dit_smoke, twin_smoke=twin)
+    else:
+        module = _at_precision(refs[DIT], precision, keep, rope_inputs=(4, 5, 6, 7))
+        example = dit_sample(config, _example_layout(), 7, batch=2, rope=run.rope)
+        dit_in = graph_io(DIT, config)[0]
+        args = tuple(torch.from_numpy(example.feeds[s.name]) for s in dit_in)
+        dit = GraphJob(DIT, precision, functools.partial(_write_module, run, DIT, module, args), refs[DIT],
+                       dit_full, dit_smoke, _bf16_fallback(module, precision))
+    if precision == "fp16":
+        dit.info.update(fp32_layers=keep, activation_ranges={k: round(v, 4) for k, v in run.ranges.items()},
+                        fp16_threshold=65504.0 / opts.fp16_safety)
+    jobs = [dit]
+    if precision in VAE_PRECISIONS:  # ONNX Conv has no bf16 before opset 22: the VAE stays fp32/fp16
+        enc, dec = _at_precision(refs[VAE_ENCODER], precision), _at_precision(refs[VAE_DECODER], precision)
+        jobs.append(GraphJob(
+            VAE_ENCODER, precision, functools.partial(_write_module, run, VAE_ENCODER, enc, (torch.rand(2, 3, 64, 96) * 2 - 1,)),
+            refs[VAE_ENCODER],
+            [(f"image {x.shape[3]}x{x.shape[2]}", {"image": x}) for x in vae_encoder_samples(layouts)] if opts.validate else [],
+            [(f"smoke batch={x.shape[0]} image {x.shape[3]}x{x.shape[2]}", {"image": x}) for x in images]))
+        jobs.append(GraphJob(
+            VAE_DECODER, precision, functools.partial(_write_module, run, VAE_DECODER, dec,
+                                                      (torch.randn(2, config.latent_channels, 8, 12),)),
+            refs[VAE_DECODER],
+            [(f"latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in vae_decoder_samples(config, layouts)]
+            if opts.validate else [],
+            [(f"smoke batch={z.shape[0]} latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in latents]))
+    return jobs
+
+
+def _bf16_fallback(module: torch.nn.Module, precision: str) -> Callable[[], torch.nn.Module] | None:
+    return (lambda: module) if precision == "bf16" else None
+
+
+def _write_module(run: _Run, name: str, module: torch.nn.Module, args: tuple, path: Path) -> dict:
+    inputs, outputs = graph_io(name, run.config)
+    with torch.no_grad():
+        export_graph(module, args, path, inputs, outputs, run.options.opset)
+    return {}
+
+
+def _write_lean_dit(run: _Run, precision: str, keep_fp32: list[str], path: Path) -> dict:
+    from .lean import export_dit_lean
+
+    stats = export_dit_lean(run.model_dir, path, run.config, dtype=precision, progress=run.say, keep_fp32=keep_fp32,
+                            opset=run.options.opset, consume_shards=run.options.consume_shards)
+    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "peak_rss_bytes")
+                     if k in stats}}
+
+
+def _export_job(run: _Run, job: GraphJob) -> None:
+    """Write one graph, lint it, validate it (smoke always, full when asked) and record it in the manifest."""
+    inputs, outputs = graph_io(job.name, run.config)
+    rel, key = job.file, f"{job.name}.{job.precision}"
+    run.say(f"export: {job.name} {job.precision} -> {rel}" + (" (lean)" if run.lean and job.name == DIT else ""))
+    early = _twin_smoke(run, job) if job.twin_smoke else {}  # reads the checkpoint: before it may be consumed
+    t0 = time.perf_counter()
+    extra = job.write(run.art / rel)
+    info = {"export_seconds": round(time.perf_counter() - t0, 2), "opset": run.options.opset, **extra, **job.info}
+    report = lint_model(onnx.load(str(run.art / rel), load_external_data=False), key,
+                        {s.name: s.dynamic_axes for s in (*inputs, *outputs)})
+    run.lint[key] = report.to_dict()
+    info["trt_lint_passed"] = bool(report)
+    if not report:
+        run.say(f"export: TensorRT lint flagged {key}: {report.unsupported_ops} "
+                f"{report.float64[:3]} {report.static_dynamic_axes[:3]}")
+    info.update(early or _validations(run, job, run.art / rel, [s.name for s in inputs]))
+    if early and job.samples:
+        info.update(_validations(run, dataclasses.replace(job, smoke=[]), run.art / rel, [s.name for s in inputs]))
+    run.manifest = run.manifest.with_graph(_graph_spec(run.art, job.name, job.precision, rel, inputs, outputs, info))
+    if job.name == DIT and job.precision == "fp32":
+        run.manifest = run.manifest.without_graph(f"{DIT}.fp32.{ORT_VARIANT}")
+        _remove_graph_files(run.art, ort_file(rel))  # stale from an earlier export
+        if run.options.ort_fusions:
+            spec = _ort_variant(run, job, inputs, outputs)
+            run.manifest = run.manifest.with_graph(spec) if spec else run.manifest
+
+
+TWIN_LAYERS = 2
+
+
+def _twin_smoke(run: _Run, job: GraphJob) -> dict:
+    """Smoke-validate a twin of the lean DiT with its first ``TWIN_LAYERS`` blocks, exported the same way from the
+    same checkpoint (the blocks are one traced pattern repeated), for a graph too large for ONNX Runtime here."""
+    import shutil
+    import tempfile
+
+    from .lean import export_dit_lean
+    from .lean_reference import streamed_dit
+
+    layers = min(TWIN_LAYERS, int(run.config.transformer.get("num_layers", TWIN_LAYERS)))
+    twin = dataclasses.replace(run.config, transformer={**run.config.transformer, "num_layers": layers})
+    run.say(f"export: the {job.name} graph does not fit ONNX Runtime in this machine's RAM: smoke-validating a "
+            f"{layers}-block twin exported the same way")
+    run.art.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smoke-twin.", dir=run.art))
+    try:
+        export_dit_lean(run.model_dir, tmp / "dit.onnx", twin, dtype=job.precision, opset=run.options.opset,
+                        keep_fp32=[k for k in job.info.get("fp32_layers", ()) if _within_blocks(k, layers)])
+        twin_job = dataclasses.replace(job, reference=streamed_dit(run.model_dir, twin), samples=[])
+        out = _validations(run, twin_job, tmp / "dit.onnx", [s.name for s in graph_io(DIT, twin)[0]],
+                           graph=f"{job.name} ({layers}-block twin)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if "smoke" in out:
+        out["smoke"]["twin_layers"] = layers
+    return out
+
+
+def _within_blocks(layer: str, blocks: int) -> bool:
+    parts = layer.split(".")
+    return "transformer_blocks" not in parts or int(parts[parts.index("transformer_blocks") + 1]) < blocks
+
+
+def _validations(run: _Run, job: GraphJob, path: Path, names: list[str], graph: str | None = None) -> dict:
+    """{"smoke": summary, "validation": summary (when samples)} for the graph at ``path``; rows go to the report."""
+    out = {}
+    for kind, samples in (("smoke", job.smoke), ("validation", job.samples)):
+        if not samples:
+            continue
+        run.say(f"export: {kind} validation of {graph or job.name} {job.precision} on {len(samples)} input(s)")
         try:
-            manifest.verify_files(art)
-            say("export: inputs unchanged, graphs verified; skipped")
-            return manifest
-        except ManifestError as err:
-            say(f"export: re-running ({err.message})")
+            rows = validate_graph(job.name, job.precision, path, job.reference, samples, names, job.fallback)
+        except Exception as err:  # ONNX Runtime cannot load or run it (e.g. lean bf16: no bf16 CPU kernels)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            run.say(f"export: {kind} validation of {graph or job.name} {job.precision} FAILED to run: {reason}")
+            out[kind] = {"passed": False, "error": reason}
+            continue
+        if graph:
+            rows = [dataclasses.replace(r, graph=graph) for r in rows]
+        run.rows.extend(rows)
+        out[kind] = {"max_rel": max(r.result.rel_max for r in rows), "min_cosine": min(r.result.cosine for r in rows),
+                     "engine": rows[0].engine, "passed": all(bool(r.result) for r in rows),
+                     "batches": sorted({int(r.shapes[names[0]][0]) for r in rows})}
+    return out
 
-    t_start = time.perf_counter()
-    say(f"export: loading {model_dir}")
-    transformer, vae = _load(model_dir)
-    dit_ref = QwenImageDitForExport(transformer).eval()
-    enc_ref, dec_ref = VaeEncoderForExport(vae).eval(), VaeDecoderForExport(vae).eval()
-    rope = RopeCache(RopeConfig.from_transformer_config(config.transformer))
-    layouts = {b: validation_layouts(b, options.validation_target_area) for b in options.budgets}
-    samples = [dit_sample(config, lay, txt, pad, seed=i, rope=rope)
-               for b in options.budgets for i, (lay, txt, pad) in enumerate(layouts[b])]
-    all_layouts = [lay for b in options.budgets for lay, _, _ in layouts[b]]
-    dit_in, dit_out = graph_io(DIT, config)
-    dit_names = [s.name for s in dit_in]
 
-    ranges, keep_fp32 = {}, []
-    if "fp16" in dtypes:
-        say("export: measuring per-layer activation ranges for fp16")
-        probe = [tuple(torch.from_numpy(np.ascontiguousarray(s.feeds[n])) for n in dit_names)
-                 for s in samples if s.layout.num_image_tokens <= 12288]
-        for s in samples[:1]:
-            for t in (0.98, 0.5, 0.05):  # along the trajectory
-                probe.append(tuple(torch.from_numpy(np.ascontiguousarray(
-                    np.full_like(s.feeds[n], t) if n == "timestep" else s.feeds[n])) for n in dit_names))
-        ranges = measure_activation_ranges(dit_ref, probe)
-        keep_fp32 = fp16_overflow_layers(dit_ref, ranges, options.fp16_safety)
-        say(f"export: {len(keep_fp32)} layer(s) stay fp32 in the fp16 graph" + (f": {keep_fp32}" if keep_fp32 else ""))
-
-    example = dit_sample(config, _example_layout(), 7, batch=2, rope=rope)
-    rows: list[ValidationRow] = []
-    lint: dict[str, dict] = {}
-    for precision in dtypes:
-        dit_mod = _at_precision(dit_ref, precision, keep_fp32 if precision == "fp16" else [], rope_inputs=(4, 5, 6, 7))
-        enc_mod, dec_mod = _at_precision(enc_ref, precision), _at_precision(dec_ref, precision)
-        jobs = [
-            (DIT, dit_mod, tuple(torch.from_numpy(example.feeds[n]) for n in dit_names), dit_ref,
-             [(s.label, s.feeds) for s in samples]),
-            (VAE_ENCODER, enc_mod, (torch.rand(2, 3, 64, 96) * 2 - 1,), enc_ref,
-             [(f"image {x.shape[3]}x{x.shape[2]}", {"image": x}) for x in vae_encoder_samples(all_layouts)]),
-            (VAE_DECODER, dec_mod, (torch.randn(2, config.latent_channels, 8, 12),), dec_ref,
-             [(f"latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in vae_decoder_samples(config, all_layouts)]),
-        ]
-        if precision not in VAE_PRECISIONS:
-            jobs = jobs[:1]  # ONNX Conv has no bf16 before opset 22: the VAE stays fp32/fp16 (runtime falls back)
-        for name, module, args, reference, val_samples in jobs:
-            inputs, outputs = graph_io(name, config)
-            rel = graph_file(name, precision)
-            say(f"export: {name} {precision} -> {rel}")
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                export_graph(module, args, art / rel, inputs, outputs, options.opset)
-            seconds = time.perf_counter() - t0
-            report = lint_model(onnx.load(str(art / rel), load_external_data=False), f"{name}.{precision}",
-                                {s.name: s.dynamic_axes for s in (*inputs, *outputs)})
-            lint[f"{name}.{precision}"] = report.to_dict()
-            if not report:
-                say(f"export: TensorRT lint flagged {name}.{precision}: {report.unsupported_ops} "
-                    f"{report.float64[:3]} {report.static_dynamic_axes[:3]}")
-            info = {"export_seconds": round(seconds, 2), "opset": options.opset, "trt_lint_passed": bool(report)}
-            if name == DIT and precision == "fp16":
-                info.update(fp32_layers=keep_fp32, activation_ranges={k: round(v, 4) for k, v in ranges.items()},
-                            fp16_threshold=65504.0 / options.fp16_safety)
-            if options.validate:
-                say(f"export: validating {name} {precision} on {len(val_samples)} input(s)")
-                fallback = (lambda m=module: m) if precision == "bf16" else None
-                graph_rows = validate_graph(name, precision, art / rel, reference, val_samples,
-                                            [s.name for s in inputs], fallback)
-                rows.extend(graph_rows)
-                info["validation"] = {"max_rel": max(r.result.rel_max for r in graph_rows),
-                                      "min_cosine": min(r.result.cosine for r in graph_rows),
-                                      "engine": graph_rows[0].engine,
-                                      "passed": all(bool(r.result) for r in graph_rows)}
-            manifest = manifest.with_graph(_graph_spec(art, name, precision, rel, inputs, outputs, info))
-            if name == DIT and precision == "fp32":
-                manifest = manifest.without_graph(f"{DIT}.fp32.{ORT_VARIANT}")
-                _remove_graph_files(art, ort_file(rel))  # stale from an earlier export
-                if options.ort_fusions:
-                    spec, ort_rows = _ort_variant(art, rel, inputs, outputs, reference, val_samples, options, say,
-                                                    int(config.transformer["num_attention_heads"]))
-                    rows.extend(ort_rows)
-                    manifest = manifest.with_graph(spec) if spec else manifest
-
-    reports = art / "reports"
-    atomic_write_text(reports / "trt_lint.json", json.dumps(lint, indent=2))
+def _finish(run: _Run) -> Manifest:
+    """Reports, the stage record and the manifest; raises when an fp32 graph missed its tolerance."""
+    reports = run.art / "reports"
+    atomic_write_text(reports / "trt_lint.json", json.dumps(run.lint, indent=2))
+    rows = run.rows
     if rows:
         atomic_write_text(reports / "export_validation.json", json.dumps([r.to_dict() for r in rows], indent=2))
-        say("export validation (ONNX Runtime CPU vs torch fp32):\n" + format_table(rows))
+        run.say("export validation (ONNX Runtime CPU vs torch fp32):\n" + format_table(rows))
     failed = [r for r in rows if r.precision == "fp32" and not r.result and r.graph != f"{DIT}.{ORT_VARIANT}"]
-    manifest = manifest.with_budgets(tuple(budget_pixels(b) for b in options.budgets)).with_stage(StageRecord(
-        stage="export", inputs_sha256=inputs_hash if not failed else "failed", settings=settings,
-        seconds=round(time.perf_counter() - t_start, 2), tool_versions=versions,
-        results={"validation_passed": not failed, "graphs": len(lint),
-                 "trt_lint_passed": all(v["passed"] for v in lint.values())},
-    ))
-    manifest.save(art)
+    errors = [(g.key, g.info[k]["error"]) for g in run.manifest.graphs if g.precision == "fp32" and not g.variant
+              for k in ("smoke", "validation") if "error" in g.info.get(k, {})]
+    smoke = [g.info["smoke"]["passed"] for g in run.manifest.graphs if "smoke" in g.info]
+    run.manifest = run.manifest.with_budgets(tuple(budget_pixels(b) for b in run.options.budgets)).with_stage(
+        StageRecord(
+            stage="export", inputs_sha256=run.inputs_hash if not (failed or errors) else "failed", settings=run.settings,
+            seconds=round(time.perf_counter() - run.started, 2), tool_versions=run.versions,
+            results={"validation_passed": not (failed or errors), "smoke_passed": all(p is True for p in smoke),
+                     "graphs": len(run.lint), "lean": run.lean,
+                     "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
+        ))
+    run.manifest.save(run.art)
+    if errors:
+        raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
+                          f"see {reports / 'export_validation.json'}; run with -vv for the export trace.")
     if failed:
         worst = max(failed, key=lambda r: r.result.rel_max)
         raise ExportError(
@@ -237,39 +479,35 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
             f"{worst.result.rel_max:.2e} of scale (tolerance {FP32_TOLERANCE:g}).",
             f"see {reports / 'export_validation.json'}.",
         )
-    return manifest
+    return run.manifest
 
 
-def _ort_variant(art: Path, rel: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
-                 reference: torch.nn.Module, samples: list, options: ExportOptions, say: Progress,
-                 num_heads: int) -> tuple[GraphSpec | None, list[ValidationRow]]:
-    """Fuse the portable fp32 DiT for ONNX Runtime and validate it; (None, rows) when it misses the tolerance."""
+def _ort_variant(run: _Run, job: GraphJob, inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...]) -> GraphSpec | None:
+    """Fuse the portable fp32 DiT for ONNX Runtime and validate it; None (files removed) unless it passes."""
+    rel = job.file
     fused = ort_file(rel)
-    say(f"export: {DIT} fp32 -> {fused} (ONNX Runtime fusions)")
+    run.say(f"export: {DIT} fp32 -> {fused} (ONNX Runtime fusions)")
     t0 = time.perf_counter()
-    counts = fuse_for_ort(art / rel, art / fused, [*inputs, *outputs], num_heads)
-    info = {"fusions": counts, "contrib_ops": contrib_ops(art / fused), "source": rel,
+    counts = fuse_for_ort(run.art / rel, run.art / fused, [*inputs, *outputs],
+                          int(run.config.transformer["num_attention_heads"]))
+    info = {"fusions": counts, "contrib_ops": contrib_ops(run.art / fused), "source": rel,
             "ignores_text_mask": bool(counts.get("unmasked_attention")),
             "export_seconds": round(time.perf_counter() - t0, 2)}
+    run.say(f"export: fused {', '.join(f'{k} x{v}' for k, v in counts.items()) or 'nothing'}")
     if info["ignores_text_mask"]:  # valid for unpadded text only: validate on those samples
-        samples = [(label, feeds) for label, feeds in samples if feeds["encoder_hidden_states_mask"].all()]
-    say(f"export: fused {', '.join(f'{k} x{v}' for k, v in counts.items()) or 'nothing'}")
-    rows: list[ValidationRow] = []
-    if options.validate and samples:
-        say(f"export: validating {DIT} fp32 ({ORT_VARIANT}) on {len(samples)} input(s)")
-        rows = [dataclasses.replace(r, graph=f"{DIT}.{ORT_VARIANT}")
-                for r in validate_graph(DIT, "fp32", art / fused, reference, samples, [s.name for s in inputs])]
-        passed = all(bool(r.result) for r in rows)
-        info["validation"] = {"max_rel": max(r.result.rel_max for r in rows),
-                              "min_cosine": min(r.result.cosine for r in rows), "engine": rows[0].engine,
-                              "passed": passed}
-        if not passed:
-            logger.warning("the ONNX Runtime-fused DiT misses the fp32 tolerance; the runtime uses the portable graph")
-            say("export: WARNING the ORT-fused DiT failed validation; not recorded (the portable graph is used)")
-            _remove_graph_files(art, fused)
-            return None, rows
-    spec = _graph_spec(art, DIT, "fp32", fused, inputs, outputs, info)
-    return dataclasses.replace(spec, variant=ORT_VARIANT), rows
+        job = dataclasses.replace(job, samples=[(label, f) for label, f in job.samples
+                                                if f["encoder_hidden_states_mask"].all()])
+    info.update(_validations(run, job, run.art / fused, [s.name for s in inputs], graph=f"{DIT}.{ORT_VARIANT}"))
+    checks = [info[k]["passed"] for k in ("smoke", "validation") if k in info]
+    if not checks or not all(c is True for c in checks):
+        logger.warning("the ONNX Runtime-fused DiT is not validated; the runtime uses the portable graph")
+        run.say("export: WARNING the ORT-fused DiT failed (or could not run) its validation; not recorded "
+                "(the portable graph is used)")
+        _remove_graph_files(run.art, fused)
+        return None
+    spec = _graph_spec(run.art, DIT, "fp32", fused, inputs, outputs, info)
+    return dataclasses.replace(spec, variant=ORT_VARIANT)
 
 
 def _remove_graph_files(art: Path, rel: str) -> None:
@@ -300,15 +538,6 @@ def _existing(art: Path, config: ModelConfig) -> Manifest:
         except ManifestError:
             logger.warning("existing manifest in %s is unreadable; starting a new one", art)
     return Manifest(config)
-
-
-def _load(model_dir: Path):
-    import diffusers
-
-    transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(model_dir / "transformer",
-                                                                        torch_dtype=torch.float32).eval()
-    vae = diffusers.AutoencoderKLQwenImage.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval()
-    return transformer, vae
 
 
 def _at_precision(module: torch.nn.Module, precision: str, keep_fp32: list[str] | tuple = (),

@@ -125,7 +125,13 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 def name_dynamic_axes(model: onnx.ModelProto, specs: Sequence[TensorSpec]) -> None:
-    """Rename the exporter's symbolic dims (e.g. '8*s0') on graph inputs/outputs to our axis names."""
+    """Rename the exporter's symbolic dims (e.g. '8*s0') on graph inputs/outputs to our axis names.
+
+    Raises:
+        ExportError: an axis meant to be dynamic came out of the trace as a number (the model pinned it, e.g. by
+            splitting the batch in half); renaming it would hide that the graph only runs at that size.
+    """
+    check_dynamic_axes(model, specs)
     by_name = {s.name: s for s in specs}
     for value in [*model.graph.input, *model.graph.output]:
         spec = by_name.get(value.name)
@@ -135,3 +141,24 @@ def name_dynamic_axes(model: onnx.ModelProto, specs: Sequence[TensorSpec]) -> No
             if isinstance(want, str):
                 dim.ClearField("dim_value")
                 dim.dim_param = want
+
+
+def check_dynamic_axes(model: onnx.ModelProto, specs: Sequence[TensorSpec]) -> None:
+    """Every axis named dynamic in ``specs`` must be symbolic on the traced graph's inputs and outputs.
+
+    Raises:
+        ExportError: naming the first input/output and axis that the trace fixed to a concrete size.
+    """
+    by_name = {s.name: s for s in specs}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for axis, (dim, want) in enumerate(zip(value.type.tensor_type.shape.dim, spec.shape, strict=False)):
+            if isinstance(want, str) and dim.HasField("dim_value"):
+                raise ExportError(
+                    f"The traced graph fixed dynamic axis {axis} ('{want}') of '{value.name}' to {dim.dim_value}; "
+                    f"it would only run at that size.",
+                    "the model code specialises on this dimension (e.g. splits or reshapes it by a constant); "
+                    "run with -vv and look for guards on it.",
+                )

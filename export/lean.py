@@ -107,7 +107,8 @@ def checkpoint_index(transformer_dir: str | os.PathLike) -> dict[str, Safetensor
     return out
 
 
-def _transformer_dir(model_dir: Path) -> Path:
+def transformer_dir(model_dir: Path) -> Path:
+    """``model_dir/transformer`` for a diffusers root, else ``model_dir`` itself (a transformer folder)."""
     return model_dir / "transformer" if (model_dir / "transformer" / "config.json").is_file() else model_dir
 
 
@@ -324,7 +325,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
     if dtype not in DTYPES:
         raise ExportError(f"Unknown dtype '{dtype}'.", f"use {', '.join(DTYPES)}.")
     model_dir, out_path = Path(model_dir), Path(out_path)
-    tdir = _transformer_dir(model_dir)
+    tdir = transformer_dir(model_dir)
     if config is None:
         config = ModelConfig("qwen-image", json.loads((tdir / "config.json").read_text()), {}, {})
     transformer_config = {k: v for k, v in config.transformer.items() if not k.startswith("_")}

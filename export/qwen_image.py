@@ -9,6 +9,10 @@ time_text_embed, transformer_blocks, norm_out, proj_out) and swaps each block's 
     after:  (qe, qo) = q.unflatten(-1, (-1, 2)).unbind(-1)
             q' = stack(qe*cos - qo*sin, qe*sin + qo*cos).flatten(-2)        (real, dynamic sequence length)
 
+Edit-2511's ``zero_cond_t`` (reference tokens modulated with the embedding of t = 0) runs through
+``zero_cond_block``, which keeps the two timestep embeddings on their own axis ``[2, B, D]`` so batch stays
+dynamic.
+
 Everything family-specific (input names, which layers stay high precision) lives here.
 """
 
@@ -112,28 +116,73 @@ class QwenImageDitForExport(nn.Module):
         tr = self.transformer
         hidden_states = tr.img_in(hidden_states)
         timestep = timestep.to(hidden_states.dtype)
-        index = None
-        if self.zero_cond_t:
-            timestep = torch.cat([timestep, timestep * 0], dim=0)
-            index = modulate_index.to(torch.int32)[None].expand(hidden_states.shape[0], -1)
         encoder_hidden_states = tr.txt_in(tr.txt_norm(encoder_hidden_states))
-        temb = tr.time_text_embed(timestep, hidden_states)
+        temb = tr.time_text_embed(timestep, hidden_states)  # B, D
+        if self.zero_cond_t:  # the t and zero-t embeddings on their own leading axis: 2, B, D
+            temb = torch.stack([temb, tr.time_text_embed(timestep * 0, hidden_states)])
         rope = ((img_cos, img_sin), (txt_cos, txt_sin))
         mask = None
         if self.use_mask:
             mask = key_padding_bias(encoder_hidden_states_mask, hidden_states.shape[1], hidden_states.dtype)
         for block in tr.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_hidden_states_mask=mask,
-                temb=temb,
-                image_rotary_emb=rope,
-                modulate_index=index,
-            )
-        if self.zero_cond_t:
-            temb = temb.chunk(2, dim=0)[0]
-        return tr.proj_out(tr.norm_out(hidden_states, temb))
+            if self.zero_cond_t:
+                encoder_hidden_states, hidden_states = zero_cond_block(
+                    block, hidden_states, encoder_hidden_states, mask, temb, rope, modulate_index)
+            else:
+                encoder_hidden_states, hidden_states = block(
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_hidden_states_mask=mask,
+                    temb=temb,
+                    image_rotary_emb=rope,
+                )
+        return tr.proj_out(tr.norm_out(hidden_states, temb[0] if self.zero_cond_t else temb))
+
+
+def select_modulation(params: torch.Tensor, modulate_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-token (shift, scale, gate) [B, S, D] from the paired modulation ``params`` [2, B, 3D].
+
+    ``params[0]`` comes from the timestep's embedding, ``params[1]`` from the zero timestep's; token ``i`` takes
+    the first where ``modulate_index[i] == 0`` (target) and the second elsewhere (references). The pair keeps its
+    own axis, so the batch axis is never split in half (which would pin batch to an even size in the graph).
+    """
+    first = (modulate_index == 0)[None, :, None]  # 1, S, 1
+    return tuple(torch.where(first, p[0][:, None], p[1][:, None]) for p in params.chunk(3, dim=-1))
+
+
+def zero_cond_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor | None,
+                    temb: torch.Tensor, rope: tuple, modulate_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``QwenImageTransformerBlock`` of a ``zero_cond_t`` model with ``temb`` as [2, B, D] (t, zero t).
+
+    The same arithmetic as the block's own forward (diffusers 0.42.1), with the image stream's modulation chosen
+    per token by ``select_modulation``; the text stream is modulated by the timestep's embedding only.
+    Returns (text, image) like the block.
+    """
+    img_params = block.img_mod(temb)  # 2, B, 6D
+    txt_params = block.txt_mod(temb[0])  # B, 6D
+    img_first, img_second = img_params.chunk(2, dim=-1)
+    txt_first, txt_second = (p.chunk(3, dim=-1) for p in txt_params.chunk(2, dim=-1))
+
+    shift, scale, gate_img = select_modulation(img_first, modulate_index)
+    t_shift, t_scale, gate_txt = (p[:, None] for p in txt_first)
+    attn_img, attn_txt = block.attn(
+        hidden_states=block.img_norm1(img) * (1 + scale) + shift,
+        encoder_hidden_states=block.txt_norm1(txt) * (1 + t_scale) + t_shift,
+        encoder_hidden_states_mask=mask,
+        image_rotary_emb=rope,
+    )
+    img = img + gate_img * attn_img
+    txt = txt + gate_txt * attn_txt
+
+    shift, scale, gate_img = select_modulation(img_second, modulate_index)
+    img = img + gate_img * block.img_mlp(block.img_norm2(img) * (1 + scale) + shift)
+    t_shift, t_scale, gate_txt = (p[:, None] for p in txt_second)
+    txt = txt + gate_txt * block.txt_mlp(block.txt_norm2(txt) * (1 + t_scale) + t_shift)
+    if txt.dtype == torch.float16:  # as the block: keep fp16 activations finite
+        txt = txt.clip(-65504, 65504)
+    if img.dtype == torch.float16:
+        img = img.clip(-65504, 65504)
+    return txt, img
 
 
 class VaeEncoderForExport(nn.Module):

@@ -3,7 +3,12 @@
 Each bucket gets layouts with 1, 2 and 4 references (square and extreme aspects) and short/long prompts. The
 target is the bucket's default size at 1024²; above it the target is capped at ``target_area`` pixels so that
 validation fits this machine's memory (ONNX Runtime's CPU attention materialises S×S scores); references still
-fill the bucket's budget, so the image-token counts stay those of the bucket.
+fill the bucket's budget, so the image-token counts stay those of the bucket. ``validation_area`` (the CLI's
+``--validation-area``) packs the layouts at that many pixels instead of the bucket's, for real-width models whose
+S×S scores at a full bucket do not fit in memory.
+
+The smoke samples (``smoke_samples``) are a few hundred image tokens at batch 1 and 2: every export runs them, even
+without the full validation, so that no graph reaches the manifest untried at either batch size.
 """
 
 from __future__ import annotations
@@ -39,9 +44,18 @@ class Sample:
         return f"b{side} refs={len(self.layout.references)} img={self.layout.num_image_tokens} txt={txt}"
 
 
-def validation_layouts(budget: int, target_area: int = 512 * 512) -> list[tuple[PackedLayout, int, int]]:
-    """(layout, text length, padded tokens) for ``budget`` (a side or pixels)."""
+# (reference sizes, text length, batch, budget pixels, target width x height): the smallest budgets that hold the
+# references (256² each), a small target: 80 + 256 and 64 + 512 image tokens
+SMOKE_CASES = (((( 96, 160),), 16, 1, 256 * 256, (128, 160)), (((160, 96), (128, 128)), 9, 2, 2 * 256 * 256, (128, 128)))
+
+
+def validation_layouts(budget: int, target_area: int = 512 * 512,
+                       validation_area: int | None = None) -> list[tuple[PackedLayout, int, int]]:
+    """(layout, text length, padded tokens) for ``budget`` (a side or pixels), packed at ``validation_area``
+    pixels instead when that is given and smaller."""
     pixels = budget_pixels(budget)
+    if validation_area is not None:
+        pixels = min(pixels, int(validation_area))
     out = []
     for sizes, txt, pad in LAYOUT_CASES:
         if pixels <= 1024 * 1024:
@@ -74,6 +88,22 @@ def dit_sample(config: ModelConfig, layout: PackedLayout, text_len: int, pad: in
     if config.zero_cond_t:
         feeds["modulate_index"] = modulation_index(layout.grids)
     return Sample(layout, feeds)
+
+
+def smoke_samples(config: ModelConfig, rope: RopeCache | None = None) -> list[Sample]:
+    """The DiT smoke inputs: one reference at batch 1, two references at batch 2, unpadded text, 300-600 tokens."""
+    return [dit_sample(config, pack_references(sizes, budget, width=w, height=h), txt, batch=batch, seed=100 + i,
+                       rope=rope)
+            for i, (sizes, txt, batch, budget, (w, h)) in enumerate(SMOKE_CASES)]
+
+
+def vae_smoke_samples(config: ModelConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """VAE smoke inputs at batch 1 and 2: (images [B, 3, H, W] in [-1, 1], latents [B, z, h, w])."""
+    rng = np.random.default_rng(2)
+    images = [rng.uniform(-1, 1, (b, 3, h, w)).astype(np.float32) for b, h, w in ((1, 48, 80), (2, 64, 32))]
+    latents = [rng.standard_normal((b, config.latent_channels, h, w)).astype(np.float32)
+               for b, h, w in ((1, 6, 10), (2, 8, 4))]
+    return images, latents
 
 
 def vae_encoder_samples(layouts: list[PackedLayout], limit: int = 3) -> list[np.ndarray]:

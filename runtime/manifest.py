@@ -71,6 +71,12 @@ class GraphSpec:
     def key(self) -> str:
         return f"{self.name}.{self.precision}" + (f".{self.variant}" if self.variant else "")
 
+    @property
+    def validated(self) -> bool:
+        """True when the export's checks of this graph ran and passed (``info["smoke"]``, ``info["validation"]``)."""
+        checks = [self.info[k].get("passed") for k in ("smoke", "validation") if isinstance(self.info.get(k), dict)]
+        return bool(checks) and all(c is True for c in checks)
+
     @classmethod
     def from_dict(cls, d: dict) -> GraphSpec:
         return cls(

@@ -41,6 +41,19 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build_preset_fixture("small", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def tiny_zero_cond_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` preset with ``zero_cond_t: true`` (Edit-2511's flag; it adds no weights) in its transformer config."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("presets") / "tiny-zero-cond"
+    shutil.copytree(tiny_model_dir, out)
+    config_path = out / "transformer" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "zero_cond_t": True}, indent=2))
+    return out
+
+
 # --- artifacts (export + compile) ---------------------------------------------------------------------------------
 
 

@@ -121,7 +121,8 @@ class OrtBackendFactory:
     """Builds the three ORT backends from an artifact folder; VAE graphs fall back to fp32 if absent.
 
     ``fused`` (default True) picks a graph's ``ort`` variant (ONNX Runtime contrib-op fusions, see
-    ``export/ort_fusions.py``) when the manifest has one; False always runs the portable graph.
+    ``export/ort_fusions.py``) when the manifest has one that passed its export validation; False always runs the
+    portable graph.
     """
 
     @staticmethod
@@ -134,6 +135,7 @@ class OrtBackendFactory:
             p = precision
             if name in (VAE_ENCODER, VAE_DECODER) and not manifest.has_graph(name, precision):
                 p = "fp32"
-            variant = ORT_VARIANT if fused and manifest.has_graph(name, p, ORT_VARIANT) else ""
+            has_fused = fused and manifest.has_graph(name, p, ORT_VARIANT)
+            variant = ORT_VARIANT if has_fused and manifest.graph(name, p, ORT_VARIANT).validated else ""
             backends[name] = OrtBackend(manifest.graph(name, p, variant), art_dir, **options)
         return backends

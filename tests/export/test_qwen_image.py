@@ -51,3 +51,23 @@ def test_wrapper_equals_diffusers_transformer(tiny_model_dir: Path, pad: int, ba
         theirs = reference.infer(feeds)["velocity"]
     scale = float(np.abs(theirs).max())
     assert np.abs(ours - theirs).max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_zero_cond_wrapper_equals_diffusers_transformer(tiny_zero_cond_model_dir: Path, batch: int) -> None:
+    """Edit-2511's per-token modulation (t on target tokens, zero t on references) at batch 1 and 2."""
+    wrapper, reference, config = _wrapper_and_reference(tiny_zero_cond_model_dir)
+    assert config.zero_cond_t and wrapper.zero_cond_t
+    layout = pack_references([(96, 64), (40, 120)], 128 * 96, policy="per-image", width=64, height=48)
+    feeds = dit_sample(config, layout, 11, batch=batch, seed=4).feeds
+    index = feeds["modulate_index"]
+    assert 0 < index.sum() < index.size  # both target and reference tokens
+    with torch.no_grad():
+        ours = wrapper(*(torch.from_numpy(feeds[s.name]) for s in reference.inputs)).numpy()
+    with reference:
+        theirs = reference.infer(feeds)["velocity"]
+        plain = reference.infer({**feeds, "modulate_index": np.zeros_like(index)})["velocity"]
+    scale = float(np.abs(theirs).max())
+    assert ours.shape == (batch, layout.num_image_tokens, 16)
+    assert np.abs(ours - theirs).max() <= 1e-5 * scale
+    assert np.abs(plain - theirs).max() > 100 * 1e-5 * scale  # the index matters: this test can see a wrong one
