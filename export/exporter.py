@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import torch
 
-from uniref_deploy.runtime.errors import ExportError, ManifestError
+from uniref_deploy.runtime.errors import ExportError, InputError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
 from uniref_deploy.runtime.manifest import (
@@ -46,6 +46,7 @@ from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
 from .lean_rule import choose_lean, exceeds_ram_fraction
+from .lora import LoraSpec, fuse_loras, save_lora_base
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
@@ -58,6 +59,7 @@ from .samples import (
     vae_smoke_samples,
     validation_layouts,
 )
+from .scheduler_config import read_scheduler_config
 from .trt_lint import lint_model
 from .validate import FP32_TOLERANCE, ValidationRow, format_table, validate_graph
 
@@ -86,6 +88,9 @@ class ExportOptions:
         of loading it; None chooses by the DiT's size against RAM (export/lean_rule.py).
     consume_shards: (lean, one dtype) DELETE each checkpoint shard once streamed, for disks that cannot hold both
         the checkpoint and the graph's data; everything that reads the checkpoint runs before the streaming.
+    loras: LoRAs fused into the DiT before export (export/lora.py); recorded (file, sha256, scale) in the stage
+        settings, so the skip-on-rerun hash covers them.
+    scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
     """
 
     budgets: tuple[int, ...] = (1024,)
@@ -99,6 +104,8 @@ class ExportOptions:
     ort_fusions: bool = True
     lean: bool | None = None
     consume_shards: bool = False
+    loras: tuple[LoraSpec, ...] = ()
+    scheduler_config: Path | None = None
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
@@ -160,6 +167,7 @@ class _Run:
     rows: list[ValidationRow] = field(default_factory=list)
     lint: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    lora_base: dict = field(default_factory=dict)  # un-fused weights of the layers a LoRA touched
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -222,8 +230,15 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
     lean = choose_lean(model_dir, options.lean, say)
+    if lean and options.loras:
+        raise InputError("LoRA fusion is not supported by the lean (streamed) export yet.",
+                         "pass --no-lean, or fuse the LoRA into the checkpoint first.")
+    if options.scheduler_config is not None:
+        config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
     dtypes = export_dtypes(options.dtypes, lean)
-    settings = {**asdict(options), "dtypes": list(dtypes), "lean": lean}
+    settings = {**asdict(options), "dtypes": list(dtypes), "lean": lean,
+                "loras": [spec.record() for spec in options.loras],
+                "scheduler_config": config.scheduler if options.scheduler_config else None}
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
     return _Run(model_dir, art, options, say, config, lean, dtypes, settings, versions, inputs_hash,
@@ -255,6 +270,7 @@ def _load_references(run: _Run) -> None:
     else:
         transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(run.model_dir / "transformer",
                                                                             torch_dtype=torch.float32).eval()
+        run.lora_base = fuse_loras(transformer, run.options.loras, run.say)
         dit = QwenImageDitForExport(transformer).eval()
     vae = diffusers.AutoencoderKLQwenImage.from_pretrained(run.model_dir / "vae", torch_dtype=torch.float32).eval()
     run.references = {DIT: dit, VAE_ENCODER: VaeEncoderForExport(vae).eval(), VAE_DECODER: VaeDecoderForExport(vae).eval()}
@@ -468,6 +484,7 @@ def _finish(run: _Run) -> Manifest:
                      "graphs": len(run.lint), "lean": run.lean,
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
+    save_lora_base(run.art, run.lora_base)
     run.manifest.save(run.art)
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",

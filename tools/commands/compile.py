@@ -6,7 +6,7 @@ import math
 
 import click
 
-from uniref_deploy.tools.options import parse_budgets, parse_list
+from uniref_deploy.tools.options import lora_options, parse_budgets, parse_list, parse_loras
 
 PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 
@@ -20,8 +20,9 @@ PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 @click.option("--seed", type=int, default=0, show_default=True, help="Preset seed (when MODEL is a preset name).")
 @click.option("--no-validate", is_flag=True, help="Skip export validation (the runtime check still runs).")
 @click.option("--force", is_flag=True, help="Redo stages even when their inputs are unchanged.")
+@lora_options
 def command(model: str, art_dir: str, budgets: str, precision_list: str, seed: int, no_validate: bool,
-            force: bool) -> None:
+            force: bool, loras: tuple[str, ...], scheduler_config: str | None) -> None:
     """Preset (when named) -> ONNX export -> FP8 calibration (fp8) -> runtime check -> TensorRT engines/plan."""
     from pathlib import Path
 
@@ -31,6 +32,7 @@ def command(model: str, art_dir: str, budgets: str, precision_list: str, seed: i
     precisions = parse_list(precision_list, PRECISIONS, "--precision")
     manifest, rows = compile_model(model, art_dir, [s * s for s in sides], precisions,
                                    say=lambda msg: click.echo(msg, err=True), seed=seed,
-                                   validate=not no_validate, force=force)
+                                   validate=not no_validate, force=force, loras=parse_loras(loras),
+                                   scheduler_config=Path(scheduler_config) if scheduler_config else None)
     click.echo(format_summary(rows, Path(art_dir)))
     click.echo(f"artifacts: {art_dir} (budgets {', '.join(str(math.isqrt(b)) for b in manifest.budgets)})")

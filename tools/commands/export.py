@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from uniref_deploy.tools.options import parse_budgets, parse_list
+from uniref_deploy.tools.options import lora_options, parse_budgets, parse_list, parse_loras
 
 
 @click.command("export")
@@ -26,10 +26,13 @@ from uniref_deploy.tools.options import parse_budgets, parse_list
                    "DiT in fp32 exceeds 25% of RAM].")
 @click.option("--consume-shards", is_flag=True,
               help="With --lean: DELETE each checkpoint shard once streamed (for disks that cannot hold both copies).")
+@lora_options
 def command(model: str, art_dir: str, budgets: str, dtypes: str | None, opset: int, no_validate: bool,
             validation_area: int | None, force: bool, ort_fusions: bool, lean: bool | None,
-            consume_shards: bool) -> None:
+            consume_shards: bool, loras: tuple[str, ...], scheduler_config: str | None) -> None:
     """Export MODEL (diffusers folder or preset name) to ONNX under ART, validated against torch."""
+    from pathlib import Path
+
     from uniref_deploy.export.exporter import PRECISIONS, ExportOptions, export_onnx
     from uniref_deploy.export.lean_rule import choose_lean
     from uniref_deploy.tools.model_source import resolve_model
@@ -44,6 +47,7 @@ def command(model: str, art_dir: str, budgets: str, dtypes: str | None, opset: i
     default = "fp16" if lean else "fp32,fp16"
     options = ExportOptions(budgets=parse_budgets(budgets), dtypes=parse_list(dtypes or default, PRECISIONS, "--dtypes"),
                             opset=opset, validate=not no_validate, validation_area=validation_area, force=force,
-                            ort_fusions=ort_fusions, lean=lean, consume_shards=consume_shards)
+                            ort_fusions=ort_fusions, lean=lean, consume_shards=consume_shards,
+                            loras=parse_loras(loras), scheduler_config=scheduler_config and Path(scheduler_config))
     manifest = export_onnx(path, art_dir, options, progress=say)
     click.echo(f"{len(manifest.graphs)} graph(s) in {art_dir}/manifest.json")
