@@ -1,0 +1,172 @@
+"""``export --lora``: LoRAs in each key format, fused at export, match diffusers' pipeline with the LoRA fused.
+
+The ground truth is diffusers' ``QwenImageEditPlusPipeline`` with ``load_lora_weights`` + ``fuse_lora(lora_scale)``;
+ours is the ONNX Runtime pipeline over an artifact exported with ``--lora FILE:0.7``. Bad LoRA input fails with one
+line, exit 2, and leaves the artifact folder as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("onnxruntime")
+
+from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel  # noqa: E402
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus  # noqa: E402
+from lora_factory import FORMATS, lora_factors, write_lora  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from uniref_deploy.export.lora import LoraSpec  # noqa: E402
+from uniref_deploy.runtime.errors import InputError  # noqa: E402
+from uniref_deploy.tools.cli import main  # noqa: E402
+
+SCALE = 0.7
+TOLERANCE = 2.0 / 255.0
+AREA, WIDTH, HEIGHT, STEPS = 64 * 64, 64, 48, 2
+EXPORT_FLAGS = ["--dtypes", "fp32", "--no-validate", "--no-ort-fusions"]
+
+
+@pytest.fixture(scope="module")
+def factors(tiny_model_dir: Path) -> dict:
+    return lora_factors(QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer"))
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("loras")
+
+
+def _edit_inputs(config_channels: int) -> dict:
+    rng = np.random.default_rng(0)
+    ref = Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    latents = np.random.default_rng(1).standard_normal((1, (HEIGHT // 16) * (WIDTH // 16), 4 * config_channels),
+                                                       dtype=np.float32)
+    return {"image": [ref], "prompt": "add a red hat", "width": WIDTH, "height": HEIGHT, "latents": latents}
+
+
+def _diffusers_edit(model_dir: Path, lora: Path | None, inputs: dict) -> np.ndarray:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(edit_plus, "VAE_IMAGE_SIZE", AREA)
+        mp.setattr(edit_plus, "CONDITION_IMAGE_SIZE", 56 * 56)
+        pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir)
+        pipe.set_progress_bar_config(disable=True)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora), adapter_name="test")
+            pipe.fuse_lora(lora_scale=SCALE)
+        out = pipe(image=inputs["image"], prompt=inputs["prompt"], num_inference_steps=STEPS, true_cfg_scale=1.0,
+                   width=WIDTH, height=HEIGHT, latents=torch.from_numpy(inputs["latents"].copy()), output_type="np")
+    return np.asarray(out.images[0], dtype=np.float32)
+
+
+def _ort_edit(art: Path, inputs: dict) -> np.ndarray:
+    from uniref_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_artifacts(art, backend="ort", condition_image_area=56 * 56)
+    try:
+        return pipe(inputs["prompt"], image=inputs["image"], num_inference_steps=STEPS, true_cfg_scale=1.0,
+                    budget=AREA, policy="per-image", width=WIDTH, height=HEIGHT, latents=inputs["latents"].copy(),
+                    output_type="np")
+    finally:
+        pipe.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exported_lora_matches_diffusers_fused(fmt, factors, lora_dir, tiny_model_dir, tmp_path):
+    lora = write_lora(factors, lora_dir / f"{fmt}.safetensors", fmt)
+    art = tmp_path / "art"
+    assert main(["export", str(tiny_model_dir), "--out", str(art), *EXPORT_FLAGS, "--lora", f"{lora}:{SCALE}"]) == 0
+    inputs = _edit_inputs(int(json.loads((tiny_model_dir / "vae" / "config.json").read_text())["z_dim"]))
+
+    expected = _diffusers_edit(tiny_model_dir, lora, inputs)
+    got = _ort_edit(art, inputs)
+    diff = float(np.abs(got - expected).max())
+    assert diff <= TOLERANCE, f"{fmt}: max abs diff {diff:.3g} vs diffusers with the LoRA fused at {SCALE}"
+    without = _diffusers_edit(tiny_model_dir, None, inputs)
+    assert float(np.abs(without - expected).max()) > 4 * TOLERANCE, "the LoRA barely moves the image: test is blind"
+
+    record = next(s for s in json.loads((art / "manifest.json").read_text())["stages"] if s["stage"] == "export")
+    assert record["settings"]["loras"] == [{"file": lora.name, "sha256": hashlib.sha256(lora.read_bytes()).hexdigest(),
+                                            "scale": SCALE}]
+    assert (art / "lora" / "base.safetensors").is_file()
+
+
+# --- bad input: one line, exit 2, artifacts unchanged -----------------------------------------------------------
+
+
+def _snapshot(art: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(art)): p.read_bytes() for p in sorted(art.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_art(tmp_path: Path) -> Path:
+    art = tmp_path / "art"
+    (art / "onnx").mkdir(parents=True)
+    (art / "manifest.json").write_text('{"placeholder": true}\n')
+    (art / "onnx" / "dit.onnx").write_bytes(b"graph")
+    return art
+
+
+def _other_model_lora(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    # a Flux-style LoRA: single-stream blocks Qwen-Image does not have
+    save_file({f"transformer.single_transformer_blocks.{i}.attn.to_q.lora_A.weight": torch.zeros(4, 16)
+               for i in range(4)} | {f"transformer.single_transformer_blocks.{i}.attn.to_q.lora_B.weight":
+                                     torch.zeros(16, 4) for i in range(4)}, str(path))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["other-model", "corrupt", "nan-scale", "inf-scale", "text-scale"])
+def test_bad_lora_input_is_one_line_exit_2(case, tiny_model_dir, existing_art, tmp_path, capsys, factors):
+    good = write_lora(factors, tmp_path / "good.safetensors", "peft")
+    arg = {
+        "other-model": str(_other_model_lora(tmp_path / "flux.safetensors")),
+        "corrupt": str(_corrupt(good, tmp_path / "corrupt.safetensors")),
+        "nan-scale": f"{good}:nan",
+        "inf-scale": f"{good}:inf",
+        "text-scale": f"{good}:strong",
+    }[case]
+    before = _snapshot(existing_art)
+    code = main(["export", str(tiny_model_dir), "--out", str(existing_art), *EXPORT_FLAGS, "--lora", arg])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and "LoRA" in err[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert _snapshot(existing_art) == before
+    if case == "other-model":
+        assert "single_transformer_blocks" in err[0]
+
+
+def _corrupt(good: Path, path: Path) -> Path:
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated download
+    return path
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf"])
+def test_lora_spec_rejects_non_finite_scale(tmp_path, scale):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(InputError, match="finite"):
+        LoraSpec.parse(f"{f}:{scale}")
+    assert not math.isfinite(float(scale))
+
+
+def test_lora_spec_parses_scale_and_plain_file(tmp_path):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"")
+    assert LoraSpec.parse(f"{f}:0.7") == LoraSpec(f, 0.7)
+    assert LoraSpec.parse(str(f)) == LoraSpec(f, 1.0)
+    with pytest.raises(InputError, match="does not exist"):
+        LoraSpec.parse(str(tmp_path / "missing.safetensors:0.5"))
