@@ -47,6 +47,7 @@ from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 from .graph_export import DEFAULT_OPSET, export_graph
 from .lean_rule import choose_lean, exceeds_ram_fraction
 from .lora import LoraSpec, fuse_loras, save_lora_base
+from .lora_swap import write_lora_index
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
@@ -485,6 +486,10 @@ def _finish(run: _Run) -> Manifest:
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
     save_lora_base(run.art, run.lora_base)
+    if not run.lean:
+        write_lora_index(run.art, run.references[DIT], sorted(  # fp32 first: swaps read base weights from it
+            (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"),
+            key=lambda f: f != graph_file(DIT, "fp32")))
     run.manifest.save(run.art)
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",

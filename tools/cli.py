@@ -17,7 +17,7 @@ from uniref_deploy.runtime.errors import UnirefError
 
 # verb -> module under uniref_deploy.tools.commands; each exposes a click command named `command`
 COMMANDS = ("preset", "edit", "export", "build", "compile", "calibrate", "profile", "compare", "inspect", "serve",
-            "triton-repo", "load-test")
+            "triton-repo", "load-test", "lora")
 
 
 def _module(verb: str) -> str:
