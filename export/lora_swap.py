@@ -42,13 +42,13 @@ def write_lora_index(art: Path, dit, graph_files: Sequence[str]) -> None:
         model = onnx.load(str(art / rel))
         by_hash = {hashlib.sha256(_array(t).tobytes()).hexdigest(): t.name
                    for t in model.graph.initializer if t.data_type in NP_DTYPES}
-        found = {}
+        found: dict[str, list] = {n: [None, False, list(w.shape)] for n, w in linears.items()}  # None: not in graph
         for name, w in linears.items():
             for dtype in (np.float32, np.float16):
                 for transposed, arr in ((False, w), (True, w.T)):
                     hit = by_hash.get(hashlib.sha256(np.ascontiguousarray(arr, dtype=dtype).tobytes()).hexdigest())
-                    if hit and name not in found:
-                        found[name] = [hit, transposed]
+                    if hit and found[name][0] is None:
+                        found[name] = [hit, transposed, list(w.shape)]
         index[rel] = found
     atomic_write_text(art / INDEX_FILE, json.dumps(index, indent=1))
 
@@ -70,16 +70,18 @@ def swap_loras(art: str | Path, specs: Sequence[LoraSpec], progress: Callable[[s
     index = json.loads((art / INDEX_FILE).read_text())
     fp32_rel = next(iter(index))  # the fp32 graph comes first: bases are read from it exactly
     inits = {t.name: t for t in onnx.load(str(art / fp32_rel)).graph.initializer}
-    shapes = {m: _shape(inits[name], transposed) for m, (name, transposed) in index[fp32_rel].items()}
+    shapes = {m: tuple(shape) for m, (_, _, shape) in index[fp32_rel].items()}
     states = read_checked(specs, shapes)
     base = _load_base(art)
     targets = sorted({m for s in states for m in lora_pairs(s)} | set(base))
+    targets = [m for m in targets if index[fp32_rel][m][0] is not None]  # else pruned from the graph (unused)
     bases = {m: base[m] if m in base else _weight(inits, index[fp32_rel][m]) for m in targets}
     new = {m: _fused(bases[m], [(s, lora_pairs(st).get(m)) for s, st in zip(specs, states, strict=True)])
            for m in targets}
     for rel, entries in index.items():
-        say(f"lora: rewriting {sum(m in entries for m in targets)} initializer(s) of {rel}")
-        _rewrite(art / rel, {entries[m][0]: (new[m], entries[m][1]) for m in targets if m in entries})
+        values = {entries[m][0]: (new[m], entries[m][1]) for m in targets if entries[m][0] is not None}
+        say(f"lora: rewriting {len(values)} initializer(s) of {rel}")
+        _rewrite(art / rel, values)
         manifest = _rehash(art, manifest, rel)
     save_lora_base(art, {m: _torch(bases[m]) for m in targets if any(m in lora_pairs(s) for s in states)})
     manifest = _derived(art, manifest, say)
@@ -89,11 +91,6 @@ def swap_loras(art: str | Path, specs: Sequence[LoraSpec], progress: Callable[[s
         results={"layers": len(targets), "graphs": list(index)}))
     manifest.save(art)
     return manifest
-
-
-def _shape(tensor, transposed: bool) -> tuple[int, int]:
-    dims = tuple(int(d) for d in tensor.dims)
-    return (dims[1], dims[0]) if transposed else (dims[0], dims[1])
 
 
 def _load_base(art: Path) -> dict[str, np.ndarray]:
