@@ -170,3 +170,38 @@ def test_lora_spec_parses_scale_and_plain_file(tmp_path):
     assert LoraSpec.parse(str(f)) == LoraSpec(f, 1.0)
     with pytest.raises(InputError, match="does not exist"):
         LoraSpec.parse(str(tmp_path / "missing.safetensors:0.5"))
+
+
+# --- swap without re-tracing (`uniref-deploy lora`) -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_swap_gives_the_pixels_of_a_fresh_export(factors, lora_dir, tiny_model_dir, tmp_path, capsys):
+    first = write_lora(factors, lora_dir / "swap-first.safetensors", "peft")
+    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer")
+    second = write_lora(lora_factors(transformer, seed=7), lora_dir / "swap-second.safetensors", "kohya")
+    swapped, fresh = tmp_path / "swapped", tmp_path / "fresh"
+    assert main(["export", str(tiny_model_dir), "--out", str(swapped), *EXPORT_FLAGS, "--lora", f"{first}:{SCALE}"]) == 0
+    assert main(["export", str(tiny_model_dir), "--out", str(fresh), *EXPORT_FLAGS, "--lora", f"{second}:0.5"]) == 0
+    inputs = _edit_inputs(int(json.loads((tiny_model_dir / "vae" / "config.json").read_text())["z_dim"]))
+    before = _ort_edit(swapped, inputs)
+
+    bad = _other_model_lora(tmp_path / "flux.safetensors")
+    snapshot = _snapshot(swapped)
+    capsys.readouterr()
+    assert main(["lora", str(swapped), "--lora", str(bad)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert _snapshot(swapped) == snapshot, "a rejected swap changed the artifact"
+
+    assert main(["lora", str(swapped), "--lora", f"{second}:0.5"]) == 0
+    got, expected = _ort_edit(swapped, inputs), _ort_edit(fresh, inputs)
+    assert float(np.abs(got - expected).max()) <= 1e-6, "swapped artifact differs from a fresh export"
+    assert float(np.abs(before - expected).max()) > 4 * TOLERANCE, "the two LoRAs give the same image: test is blind"
+    from uniref_deploy.runtime.manifest import Manifest
+
+    Manifest.load(swapped).verify_files(swapped)  # hashes were updated
+
+    assert main(["lora", str(swapped), "--clear"]) == 0
+    assert not (swapped / "lora" / "base.safetensors").exists()
+    plain = _diffusers_edit(tiny_model_dir, None, inputs)
+    assert float(np.abs(_ort_edit(swapped, inputs) - plain).max()) <= TOLERANCE, "--clear did not restore the base"
