@@ -17,7 +17,8 @@ def read_scheduler_config(path: str | os.PathLike) -> dict:
     """The JSON object of ``path`` without diffusers' private ``_…`` keys.
 
     Raises:
-        InputError: the file is missing, not JSON, not an object, or a numeric option is not a finite number.
+        InputError: the file is missing, not JSON, not an object, has a non-finite numeric option, or the runtime's
+            FlowMatchEuler scheduler rejects it.
     """
     path = Path(path)
     try:
@@ -31,4 +32,11 @@ def read_scheduler_config(path: str | os.PathLike) -> dict:
     if bad:
         raise InputError(f"Scheduler config '{path}': {bad[0]}={data[bad[0]]!r} is not a finite number.",
                          "fix the value in the file.")
+    from uniref_deploy.runtime.scheduler import FlowMatchEulerConfig
+
+    try:
+        FlowMatchEulerConfig.from_dict(data)  # the runtime's scheduler must accept it
+    except (ValueError, TypeError) as err:
+        raise InputError(f"Scheduler config '{path}' is not usable: {err}",
+                         "pass a FlowMatchEulerDiscreteScheduler config.") from err
     return {k: v for k, v in data.items() if not k.startswith("_")}
