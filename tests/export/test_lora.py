@@ -31,7 +31,7 @@ from uniref_deploy.tools.cli import main  # noqa: E402
 
 SCALE = 0.7
 TOLERANCE = 2.0 / 255.0
-AREA, WIDTH, HEIGHT, STEPS = 64 * 64, 64, 48, 2
+AREA, WIDTH, HEIGHT, STEPS = 1024 * 1024, 64, 48, 2  # AREA: the compiled bucket = diffusers' VAE_IMAGE_SIZE
 EXPORT_FLAGS = ["--dtypes", "fp32", "--no-validate", "--no-ort-fusions"]
 
 
@@ -55,7 +55,7 @@ def _edit_inputs(config_channels: int) -> dict:
 
 def _diffusers_edit(model_dir: Path, lora: Path | None, inputs: dict) -> np.ndarray:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(edit_plus, "VAE_IMAGE_SIZE", AREA)
+        assert edit_plus.VAE_IMAGE_SIZE == AREA  # each reference at the bucket's area, as our per-image policy
         mp.setattr(edit_plus, "CONDITION_IMAGE_SIZE", 56 * 56)
         pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir)
         pipe.set_progress_bar_config(disable=True)
