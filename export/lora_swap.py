@@ -4,8 +4,9 @@ Export writes ``lora/index.json`` (module -> initializer name and layout in each
 content) and ``lora/base.safetensors`` (the un-fused weights of the layers the fused LoRAs touch). A swap
 recomputes only the affected initializers as base + Σ scale·(B·A) in the order diffusers' ``fuse_lora`` applies
 them, rewrites the graphs atomically and updates their hashes. Derived artifacts: the ONNX Runtime-fused DiT is
-rebuilt from the swapped portable graph (its fusions are structural); TensorRT engines and FP8 graphs of the DiT
-are dropped from the manifest as stale (rebuild with ``uniref-deploy build`` / ``calibrate``).
+rebuilt from the swapped portable graph (its fusions are structural); TensorRT engines of the DiT and DiT graphs
+outside the index (FP8, bf16) are dropped from the manifest as stale (rebuild with ``build`` / ``calibrate`` /
+``export``). The files stay on disk until then.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def swap_loras(art: str | Path, specs: Sequence[LoraSpec], progress: Callable[[s
         _rewrite(art / rel, values)
         manifest = _rehash(art, manifest, rel)
     save_lora_base(art, {m: _torch(bases[m]) for m in targets if any(m in lora_pairs(s) for s in states)})
-    manifest = _derived(art, manifest, say)
+    manifest = _derived(art, manifest, set(index), say)
     manifest = manifest.with_stage(StageRecord(
         stage="lora", inputs_sha256=hashlib.sha256(json.dumps([s.record() for s in specs]).encode()).hexdigest(),
         settings={"loras": [s.record() for s in specs]}, seconds=round(time.perf_counter() - t0, 2),
@@ -162,8 +163,8 @@ def _rehash(art: Path, manifest: Manifest, rel: str) -> Manifest:
     return manifest
 
 
-def _derived(art: Path, manifest: Manifest, say: Callable[[str], None]) -> Manifest:
-    """Rebuild the ORT-fused DiT; drop stale DiT engines and FP8 graphs from the manifest."""
+def _derived(art: Path, manifest: Manifest, swapped: set[str], say: Callable[[str], None]) -> Manifest:
+    """Rebuild the ORT-fused DiT; drop stale DiT engines and the DiT graphs not swapped (FP8, bf16)."""
     from .ort_fusions import fuse_for_ort
 
     for g in manifest.graphs:
@@ -174,8 +175,8 @@ def _derived(art: Path, manifest: Manifest, say: Callable[[str], None]) -> Manif
                          int(manifest.model.transformer["num_attention_heads"]))
             manifest = manifest.with_graph(dataclasses.replace(g, sha256=sha256_file(art / g.file),
                                                                info={**g.info, "rebuilt_by": "lora"}))
-        elif g.name == DIT and g.precision == "fp8":
-            say(f"lora: {g.file} is stale (calibrated on the old weights); dropped: re-run `uniref-deploy calibrate`")
+        elif g.name == DIT and g.file not in swapped:
+            say(f"lora: {g.file} is stale (old weights); dropped: re-run `uniref-deploy calibrate` (fp8) or `export`")
             manifest = manifest.without_graph(g.key)
     stale = [e for e in manifest.engines if e.graph == DIT]
     if stale:
