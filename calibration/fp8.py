@@ -22,10 +22,13 @@ import onnx
 
 from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.compare import compare
-from uniref_deploy.runtime.errors import CalibrationError
+from uniref_deploy.runtime.errors import CalibrationError, InputError
 from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text, sha256_file, sha256_json
+from uniref_deploy.runtime.generation import Staging
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
+from uniref_deploy.runtime.packing import MIN_REFERENCE_SIDE
 
 from . import dataset as ds
 from .layers import attention_targets, find_layers, split_layers
@@ -36,6 +39,7 @@ from .report import bucket_accuracy, write_report
 logger = logging.getLogger(__name__)
 
 FP8_FILE = "onnx/dit.fp8.onnx"
+MIN_PIXELS = MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE  # a calibration sample holds at least one reference
 REPORT_DIR = "calibration"
 Progress = Callable[[str], None]
 
@@ -63,6 +67,16 @@ class CalibrationOptions:
     eval_steps: int = 28
     force: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise InputError(f"samples must be at least 1, got {self.samples!r}.")
+        if not isinstance(self.eval_steps, int) or self.eval_steps < 0:
+            raise InputError(f"eval_steps must be 0 or more, got {self.eval_steps!r}.")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < MIN_PIXELS:
+            raise InputError(f"max_pixels {self.max_pixels!r} is below {MIN_PIXELS} ({MIN_REFERENCE_SIDE}x"
+                             f"{MIN_REFERENCE_SIDE}), the smallest budget a reference fits.",
+                             f"use --max-side {MIN_REFERENCE_SIDE} or more.")
+
     def settings(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "force"}
 
@@ -73,6 +87,7 @@ def _say(progress: Progress | None, msg: str) -> None:
         progress(msg)
 
 
+@writes_artifacts("calibrate")
 def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | None = None) -> Manifest:
     """Calibrate the fp32 DiT of ``art_dir`` to FP8 and record it in the manifest.
 
@@ -93,8 +108,6 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     manifest = Manifest.load(art)
     fp32 = manifest.graph(DIT, "fp32")
     manifest.verify_files(art, (fp32.key,))
-    if options.samples < 1:
-        raise CalibrationError(f"--samples must be at least 1, got {options.samples}.")
     spec = ds.DatasetSpec(samples=options.samples, images=options.images, seed=options.seed,
                           max_pixels=options.max_pixels)
     inputs_sha = sha256_json({"dit": fp32.sha256, "options": options.settings(),
@@ -146,8 +159,9 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
             best = (per_channel, candidate, float(np.mean(cos)))
     per_channel, fp8_model, _ = best
 
-    # 4. write and check
-    out = art / FP8_FILE
+    # 4. write and check (beside the live artifact: the manifest switches to it last)
+    staging = Staging(art, "calibrate")
+    out = staging.root / FP8_FILE
     with atomic_path(out) as tmp:
         onnx.save(fp8_model, str(tmp))
         try:
@@ -161,7 +175,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     buckets_report = []
     if options.eval_steps > 0:
         staged = manifest.with_graph(spec8)
-        with OrtBackend(fp32, art) as b32, OrtBackend(spec8, art) as b8, \
+        with OrtBackend(fp32, art) as b32, OrtBackend(spec8, staging.root) as b8, \
                 OrtBackend(manifest.graph(VAE_DECODER, "fp32"), art) as dec:
             for bucket in calset.buckets:
                 _say(progress, f"calibrate: {options.eval_steps}-step accuracy run, bucket {int(bucket ** 0.5)}²")
@@ -207,7 +221,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
                                   "dataset_feeds_sha256": ds.feeds_digest(samples)}, seconds,
         _versions(), {"figures": figures, "alternatives": tried,
                       "report": str(report_png.relative_to(art)) if report_png else str(report_json.relative_to(art))}))
-    manifest.save(art)
+    manifest = staging.commit(manifest)
     _say(progress, f"calibrate: wrote {FP8_FILE} ({sizes['fp8_file_bytes'] / 2**20:.2f} MiB) in {seconds:.1f} s")
     return manifest
 

@@ -29,6 +29,7 @@ from typing import Any
 from uniref_deploy.runtime._lazy import is_available, require
 from uniref_deploy.runtime.errors import EngineBuildError, ManifestError, MissingDependencyError, UnirefError
 from uniref_deploy.runtime.fileio import atomic_path, atomic_write_bytes, sha256_file, sha256_json
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import EngineSpec, Manifest, StageRecord
 
 from .plan import save_plan
@@ -260,6 +261,7 @@ def build_engine(art_dir: str | os.PathLike, engine: EnginePlan, env: BuildEnvir
 # ---------------------------------------------------------------------------------------------------------
 
 
+@writes_artifacts("build")
 def build_engines(art_dir: str | os.PathLike, plan: BuildPlan, options: BuildOptions | None = None) -> Manifest:
     """Build every engine of ``plan`` (reusing up-to-date ones) and record them in the manifest.
 

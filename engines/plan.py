@@ -16,6 +16,7 @@ from uniref_deploy.runtime.budget import TRAINED_SIDES, Budget
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest
 
 from .ranges import axis_ranges, make_profile
@@ -126,6 +127,7 @@ def make_plan(manifest: Manifest, budgets: Sequence[Budget | int], precisions: S
     return BuildPlan(tuple(engines), options.timing_cache, tuple(skipped), options)
 
 
+@writes_artifacts("build")
 def save_plan(plan: BuildPlan, art_dir: str | Path) -> Path:
     """Write ``plan`` to ``ART/engines/plan.json`` atomically and return the path."""
     path = Path(art_dir) / PLAN_FILE

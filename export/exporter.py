@@ -32,7 +32,9 @@ import torch
 
 from uniref_deploy.runtime.errors import ExportError, InputError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
+from uniref_deploy.runtime.generation import Staging
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import (
     ORT_VARIANT,
     GraphSpec,
@@ -46,7 +48,7 @@ from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
 from .lean_rule import choose_lean, exceeds_ram_fraction
-from .lora import LoraSpec, fuse_loras, save_lora_base
+from .lora import LoraSpec, fuse_loras, save_lora_base, validate_loras
 from .lora_swap import write_lora_index
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
@@ -89,6 +91,8 @@ class ExportOptions:
         of loading it; None chooses by the DiT's size against RAM (export/lean_rule.py).
     consume_shards: (lean, one dtype) DELETE each checkpoint shard once streamed, for disks that cannot hold both
         the checkpoint and the graph's data; everything that reads the checkpoint runs before the streaming.
+    pipeline_class: serve the model as this diffusers class (None: ``model_index.json``'s); recorded.
+    text_encoder_dtype: the runtime's text-encoder dtype ("auto", "bfloat16", "float32"); recorded.
     loras: LoRAs fused into the DiT before export (export/lora.py); recorded (file, sha256, scale) in the stage
         settings, so the skip-on-rerun hash covers them.
     scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
@@ -105,20 +109,22 @@ class ExportOptions:
     ort_fusions: bool = True
     lean: bool | None = None
     consume_shards: bool = False
+    pipeline_class: str | None = None
+    text_encoder_dtype: str = "auto"
     loras: tuple[LoraSpec, ...] = ()
     scheduler_config: Path | None = None
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
         if bad:
-            raise ExportError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
+            raise InputError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
         if self.opset < 17:
-            raise ExportError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
+            raise InputError(f"opset {self.opset} is too old.", "use --opset 17 or newer.")
         if self.consume_shards and (self.lean is False or len(set(self.dtypes) - {"fp32"}) > 1):
-            raise ExportError("consume_shards needs a lean export of one precision.",
+            raise InputError("consume_shards needs a lean export of one precision.",
                               "pass --lean and a single --dtypes value.")
         if self.validation_area is not None and self.validation_area < 64 * 64:
-            raise ExportError(f"validation area {self.validation_area} px is too small.",
+            raise InputError(f"validation area {self.validation_area} px is too small.",
                               "give at least 4096 pixels (64x64), e.g. --validation-area 262144.")
 
 
@@ -201,6 +207,7 @@ def tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
 
 
+@writes_artifacts("export", create=True)
 def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
                 progress: Progress | None = None) -> Manifest:
     """Export, lint and validate; returns the updated manifest (also saved to ``art_dir``).
@@ -212,12 +219,15 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
     run = _plan(Path(model_dir), Path(art_dir), options, progress or (lambda msg: logger.info(msg)))
     if _unchanged(run):
         return run.manifest
+    live = run.art
+    staging = Staging(live, "export")
+    run.art = staging.root  # every file of this run is written beside the live artifact; _finish switches to it
     _load_references(run)
     _fp16_islands(run)
     for precision in run.dtypes:
         for job in _jobs(run, precision):
             _export_job(run, job)
-    return _finish(run)
+    return _finish(run, staging, live)
 
 
 def export_dtypes(dtypes: tuple[str, ...], lean: bool) -> tuple[str, ...]:
@@ -226,7 +236,7 @@ def export_dtypes(dtypes: tuple[str, ...], lean: bool) -> tuple[str, ...]:
 
 
 def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> _Run:
-    config = ModelConfig.from_diffusers_dir(model_dir)
+    config = ModelConfig.from_diffusers_dir(model_dir, options.pipeline_class, options.text_encoder_dtype)
     if config.text_encoder_dir and _is_inside(Path(config.text_encoder_dir), art):
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
@@ -234,6 +244,7 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
     if lean and options.loras:
         raise InputError("LoRA fusion is not supported by the lean (streamed) export yet.",
                          "pass --no-lean, or fuse the LoRA into the checkpoint first.")
+    validate_loras(config.transformer, options.loras)
     if options.scheduler_config is not None:
         config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
     dtypes = export_dtypes(options.dtypes, lean)
@@ -465,8 +476,9 @@ def _validations(run: _Run, job: GraphJob, path: Path, names: list[str], graph: 
     return out
 
 
-def _finish(run: _Run) -> Manifest:
-    """Reports, the stage record and the manifest; raises when an fp32 graph missed its tolerance."""
+def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
+    """Reports, the stage record and the manifest switch (``staging`` -> ``live``); raises when an fp32 graph
+    missed its tolerance."""
     reports = run.art / "reports"
     atomic_write_text(reports / "trt_lint.json", json.dumps(run.lint, indent=2))
     rows = run.rows
@@ -488,9 +500,12 @@ def _finish(run: _Run) -> Manifest:
     save_lora_base(run.art, run.lora_base)
     if not run.lean:
         write_lora_index(run.art, run.references[DIT], sorted(  # fp32 first: swaps read base weights from it
-            (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"),
-            key=lambda f: f != graph_file(DIT, "fp32")))
-    run.manifest.save(run.art)
+            (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"
+             and (run.art / g.file).is_file()), key=lambda f: f != graph_file(DIT, "fp32")))
+    run.manifest = staging.commit(run.manifest)
+    if not run.lora_base:
+        save_lora_base(live, {})  # no LoRA fused now: a base file of an earlier export is stale
+    reports = live / "reports"
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
                           f"see {reports / 'export_validation.json'}; run with -vv for the export trace.")

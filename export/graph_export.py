@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import onnx
 import torch
 
 from uniref_deploy.runtime.errors import ExportError
+from uniref_deploy.runtime.fileio import make_temp_dir
 from uniref_deploy.runtime.manifest import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def export_graph(module: torch.nn.Module, args: tuple, path: str | os.PathLike, 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    tmp_dir = make_temp_dir(path)
     try:
         tmp = tmp_dir / path.name
         names = [s.name for s in inputs]

@@ -28,7 +28,6 @@ import os
 import resource
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import onnx
 import torch
 
 from uniref_deploy.runtime.errors import ExportError
+from uniref_deploy.runtime.fileio import make_temp_dir
 from uniref_deploy.runtime.graphs import dit_io
 from uniref_deploy.runtime.manifest import ModelConfig
 
@@ -359,7 +359,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
     stats["unused_checkpoint_tensors"] = len(ckpt) - len(plan)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.stem}.", dir=out_path.parent))
+    tmp_dir = make_temp_dir(out_path)
     try:
         location = out_path.name + ".data"
         t1 = time.perf_counter()

@@ -180,3 +180,16 @@ def save_lora_base(art: Path, base: Mapping[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in base.items()}, str(tmp))
+
+
+def validate_loras(transformer_config: dict, specs: Sequence[LoraSpec]) -> None:
+    """Read and check every LoRA against the transformer's layer shapes (built on the meta device: no weights),
+    so that bad input fails before any file is written."""
+    if not specs:
+        return
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel.from_config(transformer_config)
+    read_checked(specs, linear_shapes(model))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import onnx
 
 from uniref_deploy.runtime.errors import ExportError
+from uniref_deploy.runtime.fileio import make_temp_dir
 from uniref_deploy.runtime.manifest import ORT_VARIANT, TensorSpec
 
 from .graph_export import EXTERNAL_DATA_THRESHOLD, move_into_place, name_dynamic_axes
@@ -61,7 +61,7 @@ def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, specs: Sequence
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     src, dst = Path(src), Path(dst)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.stem}.", dir=dst.parent))
+    tmp_dir = make_temp_dir(dst)
     try:
         model = ir.load(str(src))
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -13,6 +13,8 @@ class UnirefError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
+        message = " ".join(message.splitlines())  # one line, even when it quotes a multi-line repr
+        hint = " ".join(hint.splitlines()) if hint else hint
         self.message = message
         self.hint = hint
         super().__init__(f"{message} Hint: {hint}" if hint else message)

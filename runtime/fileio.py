@@ -1,4 +1,8 @@
-"""Atomic file writes and content hashes: nothing half-written is ever left under a final name."""
+"""Atomic file writes and content hashes: nothing half-written is ever left under a final name.
+
+Every temporary file or folder this package makes starts with ``TEMP_PREFIX``, so a write stage holding the
+artifact lock can recognise and remove the leftovers of a killed run (``runtime/locking.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+TEMP_PREFIX = ".uniref-tmp-"
+
+
+def temp_name(name: str) -> str:
+    """The prefix of a temporary sibling of ``name``."""
+    return f"{TEMP_PREFIX}{name}."
+
+
+def make_temp_dir(path: str | os.PathLike) -> Path:
+    """A new temporary folder next to ``path`` (same file system, so renames out of it are atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=temp_name(path.stem), dir=path.parent))
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is renamed over ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)

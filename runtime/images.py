@@ -8,14 +8,15 @@ composited on white) rather than rejected. Unreadable, truncated or empty files 
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
+from .fileio import temp_name
 
 MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs and absurd inputs early
 
@@ -30,9 +31,17 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         return to_rgb(_check_size(source, "image"))
     if isinstance(source, np.ndarray):
         return to_rgb(_check_size(_array_to_pil(source), "array"))
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"A reference image is a {type(source).__name__}.",
+                         "pass a path, a PIL image or an HxWx3 array per reference.")
     path = Path(source)
-    if not path.is_file():
-        raise InputError(f"Image '{path}' does not exist.", "check the path passed with --image.")
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError) as err:  # an over-long name, a NUL byte
+        raise InputError(f"Image path {str(path)[:80]!r} is not usable ({err}).", "check the path.") from None
+    if not is_file:
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"Image '{path}' {what}.", "check the path passed with --image.")
     if path.stat().st_size == 0:
         raise InputError(f"Image '{path}' is an empty file (0 bytes).", "pass a valid PNG/JPEG/WebP image.")
     try:
@@ -74,8 +83,12 @@ def _check_size(img: Image.Image, name: str) -> Image.Image:
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise InputError(f"Image array has shape {arr.shape}.", "pass an HxWx3 (or HxW, HxWx4) array.")
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.size == 0:
+        raise InputError(f"Image array has shape {arr.shape}.", "pass a non-empty HxWx3 (or HxW, HxWx4) array.")
+    if arr.dtype.kind not in "uifb":
+        raise InputError(f"Image array has dtype {arr.dtype}.", "pass uint8 or float values in [0, 1].")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError("Image array holds NaN or infinite values.", "pass finite values in [0, 1].")
     if arr.dtype != np.uint8:
         arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
     if arr.shape[2] == 1:
@@ -127,6 +140,61 @@ def to_pil(hwc: np.ndarray) -> Image.Image:
     return Image.fromarray((hwc * 255.0).round().astype(np.uint8))
 
 
-def load_images(sources: Sequence) -> list[Image.Image]:
-    """``load_image`` over a list."""
-    return [load_image(s) for s in sources]
+def as_sources(image: object) -> list:
+    """The reference list of a request: None -> [], one path / PIL image / array -> [it], a list or tuple as is.
+
+    Raises:
+        InputError: anything else (a number, a dict, a set).
+    """
+    if image is None:
+        return []
+    if isinstance(image, (str, os.PathLike, Image.Image, np.ndarray)):
+        return [image]
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    raise InputError(f"image is a {type(image).__name__}.", "pass one image (path, PIL image, array) or a list of them.")
+
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The PIL format for an output file, from its extension.
+
+    Raises:
+        InputError: the extension is not one of ``OUTPUT_FORMATS``.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise InputError(f"Cannot tell the image format of '{path}' from its extension '{suffix}'.",
+                         f"end the name with one of {', '.join(OUTPUT_FORMATS)}.")
+    return OUTPUT_FORMATS[suffix]
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """Check, before any compute, that an image can be written at ``path``; returns its PIL format.
+
+    Raises:
+        InputError: unknown extension, a folder at ``path``, or a parent that is missing, a file or not writable.
+    """
+    fmt = output_format(path)
+    out = Path(path)
+    parent = out.parent
+    if out.is_dir():
+        raise InputError(f"Output '{out}' is a folder.", "pass a file name such as out.png.")
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise InputError(f"The output folder '{parent}' {what}.", "create the folder or pick another path.")
+    try:  # a real write probe: access() says yes to root on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=temp_name(out.name), suffix=".probe"):
+            pass
+    except OSError as err:
+        raise InputError(f"Cannot write into '{parent}': {err.strerror or err}.", "pick a writable location.") from None
+    if out.exists() and not os.access(out, os.W_OK):
+        raise InputError(f"Cannot replace '{out}': permission denied.", "pick a writable location.")
+    return fmt
+
+
+def load_images(sources: object) -> list[Image.Image]:
+    """``load_image`` over ``as_sources(sources)``: a single image or path counts as one reference."""
+    return [load_image(s) for s in as_sources(sources)]

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from .errors import InputError, ManifestError, UnirefError
 from .fileio import atomic_write_text, sha256_file
+from .model_checks import check_transformer_config, resolve_pipeline_class
+from .pipeline_classes import EDIT_PLUS
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TEXT_ENCODER_DTYPES = ("auto", "bfloat16", "float32")
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "bool")
 
 
@@ -77,8 +80,17 @@ class GraphSpec:
         checks = [self.info[k].get("passed") for k in ("smoke", "validation") if isinstance(self.info.get(k), dict)]
         return bool(checks) and all(c is True for c in checks)
 
+    @property
+    def files(self) -> tuple[tuple[str, str | None], ...]:
+        """``(relative path, recorded sha256)`` of the graph and of its external data file, if any."""
+        graph = ((self.file, self.sha256),)
+        return graph + (((self.external_data, self.info.get("external_data_sha256")),) if self.external_data else ())
+
     @classmethod
     def from_dict(cls, d: dict) -> GraphSpec:
+        paths = [d["file"], d["sha256"]] + ([d["external_data"]] if d.get("external_data") is not None else [])
+        if not all(isinstance(p, str) for p in paths):
+            raise TypeError(f"graph file, sha256 and external_data must be strings, got {paths}")
         return cls(
             name=d["name"],
             precision=d["precision"],
@@ -155,6 +167,8 @@ class ModelConfig:
         vae: z_dim, latents_mean, latents_std, temperal_downsample.
         scheduler: the scheduler_config.json values.
         text_encoder_dir: folder with text_encoder/, tokenizer/, processor/ (a diffusers model dir), or None.
+        pipeline_class: the diffusers pipeline class the model is served as (``runtime/pipeline_classes.py``).
+        text_encoder_dtype: the text encoder's torch dtype: "auto" (bf16 where supported), "bfloat16", "float32".
     """
 
     family: str
@@ -162,6 +176,8 @@ class ModelConfig:
     vae: dict
     scheduler: dict
     text_encoder_dir: str | None = None
+    pipeline_class: str = EDIT_PLUS
+    text_encoder_dtype: str = "auto"
 
     @property
     def latent_channels(self) -> int:
@@ -180,8 +196,24 @@ class ModelConfig:
         return bool(self.transformer.get("zero_cond_t", False))
 
     @classmethod
-    def from_diffusers_dir(cls, model_dir: str | os.PathLike) -> ModelConfig:
-        """Read a diffusers-format folder's JSON configs (no weights, no torch)."""
+    def from_diffusers_dir(cls, model_dir: str | os.PathLike, pipeline_class: str | None = None,
+                           text_encoder_dtype: str = "auto") -> ModelConfig:
+        """Read a diffusers-format folder's JSON configs (no weights, no torch) and check the model is servable.
+
+        Args:
+            model_dir: the folder with ``model_index.json``.
+            pipeline_class: serve the model as this class (a key of ``PIPELINE_CLASSES``) whatever its
+                ``model_index.json`` says; None reads ``_class_name`` (an unknown edit class loads as Edit-Plus,
+                with a warning).
+            text_encoder_dtype: recorded as ``text_encoder_dtype`` ("auto", "bfloat16" or "float32").
+
+        Raises:
+            ManifestError: not a diffusers folder, or unreadable configs.
+            InputError: a pipeline class, transformer config or text-encoder dtype this runtime cannot serve.
+        """
+        if text_encoder_dtype not in TEXT_ENCODER_DTYPES:
+            raise InputError(f"Unknown text-encoder dtype '{text_encoder_dtype}'.",
+                             f"use one of {', '.join(TEXT_ENCODER_DTYPES)}.")
         root = Path(model_dir)
         index = root / "model_index.json"
         if not index.is_file():
@@ -190,19 +222,23 @@ class ModelConfig:
                 "pass a folder written by `uniref-deploy preset` or a diffusers checkpoint, or an artifact folder.",
             )
         try:
+            model_index = json.loads(index.read_text())
             transformer = json.loads((root / "transformer" / "config.json").read_text())
             vae = json.loads((root / "vae" / "config.json").read_text())
             scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ManifestError(f"Cannot read the configs of '{root}': {err}.", "is the checkpoint complete?") from err
+        served = resolve_pipeline_class(root, model_index, pipeline_class)
+        check_transformer_config(root, transformer, vae)
         vae_keep = {k: vae[k] for k in ("z_dim", "latents_mean", "latents_std", "temperal_downsample") if k in vae}
         has_text = (root / "text_encoder").is_dir() and (root / "processor").is_dir()
         return cls("qwen-image", _strip_private(transformer), vae_keep, _strip_private(scheduler),
-                   str(root.resolve()) if has_text else None)
+                   str(root.resolve()) if has_text else None, served, text_encoder_dtype)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(d["family"], dict(d["transformer"]), dict(d["vae"]), dict(d["scheduler"]), d.get("text_encoder_dir"))
+        return cls(d["family"], dict(d["transformer"]), dict(d["vae"]), dict(d["scheduler"]), d.get("text_encoder_dir"),
+                   d.get("pipeline_class", EDIT_PLUS), d.get("text_encoder_dtype", "auto"))
 
 
 def _strip_private(cfg: dict) -> dict:
@@ -281,7 +317,7 @@ class Manifest:
                 stages=tuple(StageRecord.from_dict(s) for s in d.get("stages", ())),
                 schema_version=version,
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, UnirefError) as err:
             raise ManifestError(f"Manifest is malformed: missing or bad field {err}.", "re-run the export.") from err
 
     @classmethod
@@ -293,9 +329,17 @@ class Manifest:
                 "pass an artifact folder written by `uniref-deploy export` or `compile`.",
             )
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as err:
+            raise ManifestError(f"Cannot read '{path}': {err.strerror or err}.", "check its permissions.") from err
+        except UnicodeDecodeError as err:
+            raise ManifestError(f"'{path}' is not UTF-8 text ({err.reason} at byte {err.start}).",
+                                "the file is damaged; re-run the export.") from err
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ManifestError(f"'{path}' is not valid JSON ({err}).", "the file is damaged; re-run the export.") from err
+        if not isinstance(data, dict):
+            raise ManifestError(f"'{path}' holds a JSON {type(data).__name__}, not an object.",
+                                "the file is damaged; re-run the export.")
         return cls.from_dict(data)
 
     def save(self, art_dir: str | os.PathLike) -> Path:
@@ -303,21 +347,52 @@ class Manifest:
         atomic_write_text(path, self.to_json() + "\n")
         return path
 
+    def file_status(self, art_dir: str | os.PathLike, names: tuple[str, ...] | None = None,
+                    engines: bool = False) -> list[tuple[str, str]]:
+        """``(relative path, "ok" | "damaged" | "missing")`` of every graph file and external data file (of the
+        graphs whose ``key`` is in ``names``, default all), and of every engine when ``engines`` is set.
+
+        Files are hashed streamed; one without a recorded sha256 counts as damaged (it cannot be trusted).
+        """
+        root = Path(art_dir)
+        files = [f for g in self.graphs if names is None or g.key in names for f in g.files]
+        if engines:
+            files += [(e.file, e.sha256) for e in self.engines]
+        return [(rel, _status(root / rel, sha)) for rel, sha in files]
+
     def verify_files(self, art_dir: str | os.PathLike, names: tuple[str, ...] | None = None) -> None:
-        """Check that each graph file exists and matches its recorded sha256.
+        """Check that each graph file and its external data exist and match their recorded sha256.
 
         Raises:
             ManifestError: a file is missing or its content changed since it was recorded.
         """
-        root = Path(art_dir)
         for g in self.graphs:
-            if names is not None and g.key not in names:
-                continue
-            f = root / g.file
-            if not f.is_file():
-                raise ManifestError(f"Graph file '{f}' listed in the manifest is missing.", "re-run the export.")
-            if sha256_file(f) != g.sha256:
-                raise ManifestError(
-                    f"Graph file '{f}' does not match the sha256 recorded in the manifest (damaged or replaced).",
-                    "re-run `uniref-deploy export` to regenerate it.",
-                )
+            if names is None or g.key in names:
+                verify_graph(art_dir, g)
+
+
+def verify_graph(art_dir: str | os.PathLike, graph: GraphSpec) -> None:
+    """Check that ``graph``'s file and external data under ``art_dir`` exist and match their recorded sha256.
+
+    Raises:
+        ManifestError: a file is missing, damaged or replaced.
+    """
+    for rel, sha in graph.files:
+        f = Path(art_dir) / rel
+        status = _status(f, sha)
+        if status == "missing":
+            raise ManifestError(f"Graph file '{f}' listed in the manifest is missing.", "re-run the export.")
+        if status != "ok":
+            raise ManifestError(
+                f"Graph file '{f}' does not match the sha256 recorded in the manifest (damaged or replaced).",
+                "re-run `uniref-deploy export` to regenerate it.",
+            )
+
+
+def _status(path: Path, sha256: str | None) -> str:
+    if not path.is_file():
+        return "missing"
+    try:
+        return "ok" if sha256 and sha256_file(path) == sha256 else "damaged"
+    except OSError:
+        return "damaged"

@@ -19,6 +19,10 @@ area, are below ``log(1 + 32/w) + log(1 + 32/h)`` (output sides ``w``, ``h``).
 A reference whose ideal short side is under 32 px (aspect beyond ``area / 32^2``) is *clamped*: short side 32,
 long side ``floor32(area / 32)`` so its area does not grow; one whose ideal area is under ``32^2`` becomes
 32x32, and ``proportional`` re-spreads the rest of the budget over the other references.
+
+One aspect limit, ``MAX_ASPECT``, is checked here for every reference: below it every later resize keeps a
+non-zero side (the 384^2 condition image of the text encoder rounds its short side to 32 up to 576:1; the output
+size derived from the last reference keeps 16 px sides at every trained budget).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ BUDGETS: dict[int, int] = {1024: 1024 * 1024, 1536: 1536 * 1536, 2048: 2048 * 20
 POLICIES = ("self", "proportional", "per-image")
 MIN_REFERENCE_SIDE = 256  # a budget holds at most B // MIN_REFERENCE_SIDE**2 references (16 / 36 / 64)
 PIXELS_PER_TOKEN_SIDE = 16  # VAE downsample 8 x patch 2
+MAX_ASPECT = 512  # long side / short side of a reference; see the module docstring
 
 _VAE_SCALE = 8
 _REF_MULTIPLE = 32  # reference sides (diffusers rounds them to 32)
@@ -200,6 +205,12 @@ def _check_sizes(sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...
             raise PackingError(
                 f"Reference {i} has size {w}x{h}; expected a positive width and height.",
                 hint="drop empty images from the request.",
+            )
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise PackingError(
+                f"Reference {i} ({w}x{h}) has an aspect of {max(w, h) / min(w, h):.0f}:1, beyond the "
+                f"{MAX_ASPECT}:1 limit.",
+                hint="crop or pad it nearer to square.",
             )
         checked.append((w, h))
     return tuple(checked)

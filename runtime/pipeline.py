@@ -2,7 +2,8 @@
 
 ``Pipeline.from_pretrained(model_dir, backend="torch")`` runs diffusers' modules; ``Pipeline.from_artifacts(art)``
 runs exported graphs (ONNX Runtime, TensorRT). With ``policy="per-image"`` and the same components, latents and
-embeddings, the output reproduces diffusers' ``QwenImageEditPlusPipeline``.
+embeddings, the output reproduces diffusers' pipeline class of the model folder (``QwenImageEditPlusPipeline`` or
+``QwenImageEditPipeline``, see ``pipeline_classes.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
+import numbers
+import operator
 import os
 import time
 from collections import OrderedDict
@@ -22,14 +26,17 @@ from PIL import Image
 
 from . import latents as lat
 from .backends.base import Backend, backend_factory
-from .errors import InputError
+from .errors import InputError, ManifestError
 from .graphs import DIT, VAE_DECODER, VAE_ENCODER
 from .images import from_model_output, load_images, to_model_input, to_pil
 from .manifest import Manifest, ModelConfig
-from .packing import POLICIES, PackedLayout, budget_pixels, pack_references
+from .model_checks import resolve_pipeline_class
+from .packing import BUDGETS, POLICIES, PackedLayout, budget_pixels, pack_references
+from .pipeline_classes import EDIT_PLUS
+from .pipeline_classes import pipeline_class as pipeline_class_info
 from .rope import RopeCache, RopeConfig, modulation_index
 from .scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
-from .text import CONDITION_IMAGE_AREA, MAX_TEXT_TOKENS, QwenPromptEncoder
+from .text import CONDITION_IMAGE_AREA, QwenPromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ class Pipeline:
         self.backends = backends
         self.text_encoder = text_encoder
         self.budgets = tuple(budget_pixels(b) for b in budgets) if budgets else None
+        self.pipeline_class = pipeline_class_info(config.pipeline_class)
         self.rope = RopeCache(RopeConfig.from_transformer_config(config.transformer))
         self.scheduler_config = FlowMatchEulerConfig.from_dict(config.scheduler)
         self.latents_mean = np.asarray(config.vae["latents_mean"], dtype=np.float32)
@@ -90,26 +98,34 @@ class Pipeline:
     # ---- constructors -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, backend: str = "torch", torch_dtype: str = "float32",
-                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True) -> Pipeline:
-        """A pipeline over a diffusers-format folder, running diffusers' modules (``backend="torch"``)."""
+                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
+                        pipeline_class: str | None = None, text_encoder_dtype: str = "auto") -> Pipeline:
+        """A pipeline over a diffusers-format folder, running diffusers' modules (``backend="torch"``).
+
+        ``pipeline_class`` serves the folder as that diffusers class (default: its ``model_index.json``);
+        ``text_encoder_dtype`` is "auto" (bf16 where the GPU/CPU supports it), "bfloat16" or "float32".
+        """
         if backend != "torch":
             raise InputError(
                 f"from_pretrained runs the torch backend, not '{backend}'.",
                 "export the model (`uniref-deploy export`) and use Pipeline.from_artifacts for ort/trt.",
             )
-        config = ModelConfig.from_diffusers_dir(model_dir)
+        config = ModelConfig.from_diffusers_dir(model_dir, pipeline_class, text_encoder_dtype)
         backends = backend_factory("torch").create(config, model_dir, dtype=torch_dtype)
-        text = _text_encoder(config, condition_image_area, torch_dtype) if load_text_encoder else None
+        text = _text_encoder(config, condition_image_area) if load_text_encoder else None
         return cls(config, backends, text)
 
     @classmethod
     def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
+                       pipeline_class: str | None = None, text_encoder_dtype: str | None = None,
                        **backend_options) -> Pipeline:
         """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``.
 
-        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime and the fastest built
-        precision on TensorRT (fp16, bf16, fp8, then fp32).
+        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime, the fastest built
+        precision on TensorRT (fp16, bf16, fp8, then fp32) and the measured choice per graph on OpenVINO.
+        ``backend="auto"`` follows the rule of ``backends/auto.py``. ``pipeline_class`` and ``text_encoder_dtype``
+        override the values the export recorded in the manifest.
         """
         manifest = Manifest.load(art_dir)
         if backend == "auto":
@@ -117,16 +133,25 @@ class Pipeline:
         backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,
                                                    precision=precision, **backend_options)
         config = manifest.model
+        if pipeline_class is not None:
+            config = dataclasses.replace(config, pipeline_class=resolve_pipeline_class(art_dir, {}, pipeline_class))
+        if text_encoder_dtype is not None:
+            config = dataclasses.replace(config, text_encoder_dtype=text_encoder_dtype)
         if config.text_encoder_dir and not Path(config.text_encoder_dir).is_absolute():
             config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
-        return cls(config, backends, text, budgets=manifest.budgets or None)
+        try:
+            _ = config.latent_channels, config.text_hidden_size  # read at every call: fail here instead
+            return cls(config, backends, text, budgets=manifest.budgets or None)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"The manifest's model config is unusable ({type(err).__name__}: {err}).",
+                                "the manifest is damaged; re-run the export.") from err
 
     # ---- the call -----------------------------------------------------------------------------------------
     def __call__(
         self,
         prompt: str | None = None,
-        image: Sequence | None = None,
+        image: Sequence | str | os.PathLike | Image.Image | np.ndarray | None = None,
         negative_prompt: str | None = None,
         true_cfg_scale: float = 4.0,
         num_inference_steps: int = 50,
@@ -146,14 +171,19 @@ class Pipeline:
         """Edit: returns a PIL image, or float32 HWC in [0, 1] with ``output_type="np"``, or packed latents
         [1, S_target, 4z] with ``output_type="latent"``.
 
-        Zero references is plain text-to-image generation and needs ``width`` and ``height``.
+        Zero references is plain text-to-image generation and needs ``width`` and ``height``. ``image`` is a list
+        of references (paths, PIL images, HWC arrays) or a single one. Every argument is checked before any model
+        runs; a bad one raises ``InputError``.
         """
         t_start = time.perf_counter()
         times = StageTimes()
         # 1. check inputs, read the references
         self.check_inputs(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
-                          policy, output_type, budget)
-        images = load_images(image or [])
+                          policy, output_type, budget, true_cfg_scale=true_cfg_scale, seed=seed, width=width,
+                          height=height, latents=latents, prompt_embeds_mask=prompt_embeds_mask,
+                          negative_prompt_embeds_mask=negative_prompt_embeds_mask, callback=callback)
+        images = load_images(image)
+        self._check_references(len(images))
         do_cfg = true_cfg_scale > 1.0 and (negative_prompt is not None or negative_prompt_embeds is not None)
 
         # 2. pack the references into the budget
@@ -161,11 +191,18 @@ class Pipeline:
         layout = pack_references([im.size for im in images], budget_pixels(budget), policy, width, height)
         self.last_layout = layout
         times.pack_rope += time.perf_counter() - t0
+        z = self.config.latent_channels
+        latents = None if latents is None else np.asarray(latents, dtype=np.float32)
+        if latents is not None and latents.shape != (1, layout.num_target_tokens, 4 * z):
+            raise InputError(f"latents have shape {latents.shape}, expected (1, {layout.num_target_tokens}, {4 * z}) "
+                             "for this layout.")
 
         # 3. text conditioning
         t0 = time.perf_counter()
-        cond = self._embeds(prompt, images, prompt_embeds, prompt_embeds_mask)
-        uncond = self._embeds(negative_prompt, images, negative_prompt_embeds, negative_prompt_embeds_mask) if do_cfg else None
+        sizes = [(slot.width, slot.height) for slot in layout.references]
+        cond = self._embeds(prompt, images, sizes, prompt_embeds, prompt_embeds_mask)
+        uncond = (self._embeds(negative_prompt, images, sizes, negative_prompt_embeds, negative_prompt_embeds_mask)
+                  if do_cfg else None)
         times.text_encode = time.perf_counter() - t0
 
         # 4. VAE-encode the references (cached by content) into packed tokens
@@ -174,14 +211,11 @@ class Pipeline:
         times.vae_encode = time.perf_counter() - t0
 
         # 5. initial latents
-        z = self.config.latent_channels
         tgt = layout.target
         n_target = layout.num_target_tokens
         if latents is None:
             latents = lat.initial_noise(seed, z, tgt.latent_h, tgt.latent_w)
-        elif latents.shape != (1, n_target, 4 * z):
-            raise InputError(f"latents have shape {latents.shape}, expected (1, {n_target}, {4 * z}) for this layout.")
-        latents = latents.astype(np.float32)
+        latents = np.asarray(latents, dtype=np.float32)
 
         # 6. RoPE tables and the static DiT feeds
         t0 = time.perf_counter()
@@ -225,20 +259,48 @@ class Pipeline:
 
     # ---- steps --------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, steps, policy,
-                     output_type, budget) -> None:
-        """Reject inconsistent or unsupported arguments with a one-line message."""
+                     output_type, budget, *, true_cfg_scale: float = 4.0, seed: int | None = None,
+                     width: int | None = None, height: int | None = None, latents=None, prompt_embeds_mask=None,
+                     negative_prompt_embeds_mask=None, callback=None) -> None:
+        """Reject inconsistent or unsupported arguments with a one-line ``InputError``, before any model runs.
+
+        Shapes that depend on the packed layout (``latents``) are checked right after packing, still before any
+        model runs.
+        """
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("Pass exactly one of prompt and prompt_embeds.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise InputError("Pass at most one of negative_prompt and negative_prompt_embeds.")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}.", "run one prompt per call.")
-        if not isinstance(steps, int) or steps < 1:
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and not isinstance(text, str):
+                raise InputError(f"{name} must be a string, got {type(text).__name__}.", "run one prompt per call.")
+        if not _is_int(steps) or steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}.")
-        if policy not in POLICIES:
-            raise InputError(f"Unknown packing policy '{policy}'.", f"use one of {', '.join(POLICIES)}.")
-        if output_type not in ("pil", "np", "latent"):
-            raise InputError(f"Unknown output_type '{output_type}'.", "use 'pil', 'np' or 'latent'.")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise InputError(f"Unknown packing policy {policy!r}.", f"use one of {', '.join(POLICIES)}.")
+        if not isinstance(output_type, str) or output_type not in ("pil", "np", "latent"):
+            raise InputError(f"Unknown output_type {output_type!r}.", "use 'pil', 'np' or 'latent'.")
+        if isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real) \
+                or not math.isfinite(true_cfg_scale):
+            raise InputError(f"true_cfg_scale must be a finite number, got {true_cfg_scale!r}.", "e.g. 4.0.")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+            raise InputError(f"seed must be None or an integer in [0, 2**63), got {seed!r}.")
+        for name, side in (("width", width), ("height", height)):
+            if side is not None and (not _is_int(side) or side < 1):
+                raise InputError(f"{name} must be None or a positive integer, got {side!r}.")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {type(callback).__name__}.")
+        if latents is not None:
+            _finite_array("latents", latents, ndim=3)
+        for name, embeds, mask in (("prompt_embeds", prompt_embeds, prompt_embeds_mask),
+                                   ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask)):
+            if embeds is None and mask is not None:
+                raise InputError(f"{name}_mask was given without {name}.")
+            if embeds is not None:
+                self._check_embeds(name, embeds, mask)
+        if budget_pixels(budget) > max(BUDGETS.values()):
+            raise InputError(f"Budget {budget} is beyond the largest trained budget ({max(BUDGETS)}^2 px).",
+                             f"use one of {', '.join(map(str, BUDGETS))}.")
         if self.budgets is not None and budget_pixels(budget) not in self.budgets:
             have = ", ".join(f"{int(round(b ** 0.5))}" for b in self.budgets)
             raise InputError(
@@ -246,22 +308,49 @@ class Pipeline:
                 f"use one of {have}, or re-run the export with --budgets including it.",
             )
 
-    def _embeds(self, prompt, images, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
+    def _check_embeds(self, name: str, embeds, mask) -> None:
+        arr = _finite_array(name, embeds)
+        d = self.config.text_hidden_size
+        shape = arr.shape if arr.ndim != 2 else (1, *arr.shape)
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != d or shape[1] < 1:
+            raise InputError(f"{name} have shape {arr.shape}, expected (1, L, {d}) or (L, {d}).")
+        limit = self.pipeline_class.max_text_tokens
+        if shape[1] > limit:
+            raise InputError(f"{name} have {shape[1]} tokens, over the limit of {limit}.",
+                             "shorten the prompt.")
+        if mask is not None:
+            m = _array(f"{name}_mask", mask)
+            if m.size != shape[1] or m.shape not in (shape[:2], shape[1:2]):
+                raise InputError(f"{name}_mask has shape {m.shape}, expected {shape[:2]}.")
+            if m.dtype.kind not in "biu" or not m.any():
+                raise InputError(f"{name}_mask must be boolean (or 0/1) with at least one True.")
+
+    def _check_references(self, count: int) -> None:
+        """Refuse a reference count the pipeline class does not take (Qwen-Image-Edit: exactly one)."""
+        cls = self.pipeline_class
+        if count < cls.min_references or (cls.max_references is not None and count > cls.max_references):
+            want = (f"exactly {cls.min_references}" if cls.min_references == cls.max_references
+                    else f"at least {cls.min_references}")
+            raise InputError(f"{cls.name} takes {want} reference image(s), got {count}.",
+                             f"pass {want} --image, or use a {EDIT_PLUS} model for several references.")
+
+    def _embeds(self, prompt, images, sizes, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
         if embeds is None:
             if self.text_encoder is None:
                 raise InputError(
                     "No text encoder is available for this model.",
                     "pass prompt_embeds (and negative_prompt_embeds), or use a model folder with text_encoder/.",
                 )
-            return trim_text_padding(*self.text_encoder.encode(prompt, images))
+            return trim_text_padding(*self.text_encoder.encode(prompt, images, sizes))
         embeds = np.asarray(embeds, dtype=np.float32)
         if embeds.ndim == 2:
             embeds = embeds[None]
         if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.config.text_hidden_size:
             raise InputError(
                 f"prompt_embeds have shape {embeds.shape}, expected (1, L, {self.config.text_hidden_size}).")
-        if embeds.shape[1] > MAX_TEXT_TOKENS:
-            raise InputError(f"prompt_embeds have {embeds.shape[1]} tokens, over the limit of {MAX_TEXT_TOKENS}.",
+        limit = self.pipeline_class.max_text_tokens
+        if embeds.shape[1] > limit:
+            raise InputError(f"prompt_embeds have {embeds.shape[1]} tokens, over the limit of {limit}.",
                              "shorten the prompt.")
         mask = np.ones(embeds.shape[:2], dtype=bool) if mask is None else np.asarray(mask).astype(bool).reshape(embeds.shape[:2])
         return trim_text_padding(embeds, mask)
@@ -290,6 +379,37 @@ class Pipeline:
             b.deactivate()
 
 
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _array(name: str, value) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{name} is not an array ({err}).") from None
+    if arr.dtype == object:
+        raise InputError(f"{name} is not a numeric array.")
+    return arr
+
+
+def _finite_array(name: str, value, ndim: int | None = None) -> np.ndarray:
+    arr = _array(name, value)
+    if arr.dtype.kind not in "fiu" or (ndim is not None and arr.ndim != ndim):
+        raise InputError(f"{name} must be a float array" + (f" of rank {ndim}" if ndim else "")
+                         + f", got dtype {arr.dtype} shape {arr.shape}.")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} holds NaN or infinite values.")
+    return arr
+
+
 def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
     """True CFG with diffusers' norm rescale: the guided velocity keeps the conditional one's per-token norm."""
     comb = uncond + scale * (cond - uncond)
@@ -298,16 +418,15 @@ def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarra
     return (comb * (cond_norm / comb_norm)).astype(np.float32)
 
 
-def _text_encoder(config: ModelConfig, condition_area: int, dtype: str = "float32") -> QwenPromptEncoder | None:
+def _text_encoder(config: ModelConfig, condition_area: int) -> QwenPromptEncoder | None:
     if config.text_encoder_dir and Path(config.text_encoder_dir, "text_encoder").is_dir():
-        return QwenPromptEncoder(config.text_encoder_dir, condition_area=condition_area, dtype=dtype)
+        return QwenPromptEncoder(config.text_encoder_dir, condition_area=condition_area,
+                                 dtype=config.text_encoder_dtype, pipeline=pipeline_class_info(config.pipeline_class))
     return None
 
 
 def _auto_backend(manifest: Manifest) -> str:
-    """TensorRT when engines exist and TensorRT imports, else ONNX Runtime."""
-    from ._lazy import is_available
+    """The fastest installed backend for this machine (the measured rule in ``backends/auto.py``)."""
+    from .backends.auto import choose_backend
 
-    if manifest.engines and is_available("tensorrt"):
-        return "trt"
-    return "ort"
+    return choose_backend(manifest)

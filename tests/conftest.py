@@ -15,16 +15,16 @@ import pytest
 logger = logging.getLogger(__name__)
 
 
-# --- model presets (export/presets.py) -------------------------------------------------------------------------
+# --- model presets (presets/) -------------------------------------------------------------------------
 
 
-def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory, **options) -> Path:
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.presets import build_preset
 
     start = time.perf_counter()
-    out = build_preset(name, tmp_path_factory.mktemp("presets") / name, seed=0)
+    out = build_preset(name, tmp_path_factory.mktemp("presets") / name, seed=0, **options)
     logger.info("preset %s built in %.1f s", name, time.perf_counter() - start)
     return out
 
@@ -33,6 +33,12 @@ def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory) -
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` preset (seed 0) in diffusers format; built once per session (~1 s after imports)."""
     return _build_preset_fixture("tiny", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` preset (seed 0) as a ``QwenImageEditPipeline`` folder (Qwen-Image-Edit's class)."""
+    return _build_preset_fixture("tiny", tmp_path_factory, pipeline_class="QwenImageEditPipeline")
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +91,19 @@ def copy_artifacts(tiny_artifacts: Path, tmp_path: Path):
         return dst
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_external_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset exported fp32 with every graph's weights in a ``.onnx.data`` file (as models over 2 GB
+    have), no validation, no ORT fusions; the model sits in ``ART/source``. ~40 s. Copy it before writing."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("diffusers")
+    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.tools.reliability_sweep import build_artifact
+
+    art = tmp_path_factory.mktemp("external") / "art"
+    return build_artifact(art, build_preset("tiny", art / "source", seed=0))
 
 
 # --- the TensorRT stand-in (tests/fakes) --------------------------------------------------------------------------

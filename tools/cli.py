@@ -15,6 +15,8 @@ import click
 from uniref_deploy import __version__
 from uniref_deploy.runtime.errors import UnirefError
 
+PATH_ERRORS = (PermissionError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
 # verb -> module under uniref_deploy.tools.commands; each exposes a click command named `command`
 COMMANDS = ("preset", "edit", "export", "build", "compile", "calibrate", "profile", "compare", "inspect", "serve",
             "triton-repo", "load-test", "lora")
@@ -70,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as err:
         click.echo(f"error: {err.format_message()}", err=True)
         return 2
+    except OSError as err:  # a file system fault no stage foresaw (disk full, permissions): one line, no traceback
+        if verbose >= 2:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"error: {err.strerror or err}{where}. Hint: check the paths and free space; -vv shows the trace.",
+                   err=True)
+        return 2 if isinstance(err, PATH_ERRORS) else 1
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         return 130

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from uniref_deploy.runtime.errors import CheckFailed, InputError
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import Manifest, StageRecord
 from uniref_deploy.tools.model_source import PRESET_NAMES
 
@@ -47,6 +48,7 @@ def format_summary(rows: list[StageSummary], art: Path) -> str:
     return "\n".join(lines)
 
 
+@writes_artifacts("compile", create=True)
 def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], precisions: Sequence[str],
                   say: Say, seed: int = 0, validate: bool = True, force: bool = False,
                   calibration_samples: int | None = None, loras: tuple = (),
@@ -60,7 +62,7 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
     # 1. the model: a preset is built inside the artifact folder, so ART is self-contained
     t0 = time.perf_counter()
     if source in PRESET_NAMES and not Path(source).exists():
-        from uniref_deploy.export.presets import build_preset
+        from uniref_deploy.presets import build_preset
 
         model_dir = build_preset(source, art / "source", seed=seed)
         rows.append(StageSummary("preset", "done", time.perf_counter() - t0, note=f"'{source}' (seed {seed}) in source/"))

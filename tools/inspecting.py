@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from uniref_deploy.runtime.manifest import Manifest
+from uniref_deploy.runtime.errors import UnirefError
+from uniref_deploy.runtime.manifest import MANIFEST_NAME, Manifest
 
 VALIDATION_REPORT = "reports/export_validation.json"
 CALIBRATION_REPORTS = ("calibration/report.json", "reports/calibration.json")
@@ -54,6 +55,38 @@ def inspect_artifacts(art: str | Path) -> dict:
                     "tool_versions": s.tool_versions} for s in m.stages],
         "engine_plan": _read_json(art / PLAN),
     }
+
+
+def verify_artifacts(art: str | Path) -> list[dict]:
+    """Hash every file the manifest lists (graphs, external data, engines): one row ``{file, status}`` each,
+    status "ok", "damaged" or "missing".
+
+    Raises:
+        ManifestError: no readable manifest.
+    """
+    manifest = Manifest.load(art)
+    rows = [{"file": f, "status": s} for f, s in manifest.file_status(art, engines=True)]
+    return [{"file": MANIFEST_NAME, "status": _config_status(manifest)}, *rows]
+
+
+def _config_status(manifest: Manifest) -> str:
+    """"ok" when the runtime can read every model-config value it needs (RoPE, scheduler, latent shapes)."""
+    from uniref_deploy.runtime.rope import RopeConfig
+    from uniref_deploy.runtime.scheduler import FlowMatchEulerConfig
+
+    m = manifest.model
+    try:
+        RopeConfig.from_transformer_config(m.transformer)
+        FlowMatchEulerConfig.from_dict(m.scheduler)
+        _ = m.latent_channels, m.text_hidden_size, m.vae["latents_mean"], m.vae["latents_std"]
+    except (KeyError, TypeError, ValueError, UnirefError):
+        return "damaged"
+    return "ok"
+
+
+def format_verify(rows: list[dict]) -> str:
+    """One line per file: status then path."""
+    return "\n".join(f"{r['status']:<8} {r['file']}" for r in rows) or "no files listed in the manifest"
 
 
 def _bucket(pixels: object) -> str:

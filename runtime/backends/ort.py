@@ -1,7 +1,8 @@
 """ONNX Runtime backend: one InferenceSession per graph, IO binding, CPU (or CUDA when present).
 
-Graph files are checked against the manifest's sha256 on activation, so a damaged or swapped artifact is refused
-with a clear message instead of producing garbage.
+Graph files and their external data are checked against the manifest's sha256 when the factory creates the
+backends (a pipeline's load), so a damaged or swapped artifact is refused with a clear message before any compute
+instead of producing garbage.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import BackendError, ManifestError
-from ..fileio import sha256_file
 from ..graphs import GRAPH_NAMES, VAE_DECODER, VAE_ENCODER
-from ..manifest import ORT_VARIANT, GraphSpec, Manifest, ModelConfig
+from ..manifest import ORT_VARIANT, GraphSpec, Manifest, ModelConfig, verify_graph
 from .base import Backend
 
 TEXT_MASK = "encoder_hidden_states_mask"
@@ -39,7 +39,7 @@ class OrtBackend(Backend):
         art_dir: the artifact folder holding ``graph.file``.
         providers: execution providers (default: CUDA when available, else CPU).
         threads: intra-op threads (default: ONNX Runtime's choice).
-        verify: check the file's sha256 against the manifest before loading.
+        verify: check the sha256 of the file and of its external data against the manifest before loading.
         optimization: "all" (ORT_ENABLE_ALL, fusions included), "extended", "basic" or "disabled".
         profile_prefix: when set, ONNX Runtime's profiler is on and writes its JSON trace to
             ``<profile_prefix>_<date>.json`` (returned by ``end_profiling``); default None (off).
@@ -51,20 +51,28 @@ class OrtBackend(Backend):
                  threads: int | None = None, verify: bool = True, optimization: str = "all",
                  profile_prefix: str | None = None):
         super().__init__(graph.name, graph.inputs, graph.outputs)
-        self.graph, self.path = graph, Path(art_dir) / graph.file
+        self.graph, self.art_dir, self.path = graph, Path(art_dir), Path(art_dir) / graph.file
         self.providers, self.threads, self.verify, self.optimization = providers, threads, verify, optimization
         self.profile_prefix = profile_prefix
         self.session = None
+        self.verified = False
+
+    def check_files(self) -> None:
+        """Hash the graph and its external data (streamed) against the manifest, once.
+
+        Raises:
+            ManifestError: a file is missing, or damaged or replaced since the export.
+        """
+        if not self.verified:
+            verify_graph(self.art_dir, self.graph)
+            self.verified = True
 
     def _activate(self) -> None:
         ort = _ort()
         if not self.path.is_file():
             raise ManifestError(f"Graph file '{self.path}' is missing.", "re-run `uniref-deploy export`.")
-        if self.verify and sha256_file(self.path) != self.graph.sha256:
-            raise ManifestError(
-                f"Graph file '{self.path}' does not match the manifest's sha256 (damaged or replaced).",
-                "re-run `uniref-deploy export` to regenerate it.",
-            )
+        if self.verify:
+            self.check_files()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -138,4 +146,6 @@ class OrtBackendFactory:
             has_fused = fused and manifest.has_graph(name, p, ORT_VARIANT)
             variant = ORT_VARIANT if has_fused and manifest.graph(name, p, ORT_VARIANT).validated else ""
             backends[name] = OrtBackend(manifest.graph(name, p, variant), art_dir, **options)
+            if backends[name].verify:
+                backends[name].check_files()  # every graph at load, not lazily after the denoise loop
         return backends

@@ -258,8 +258,10 @@ def test_layout_key_and_dict() -> None:
         ({"sizes": [(512, 512)], "budget": 1024, "width": 8, "height": 512}, "at least 16"),
         ({"sizes": [(512, 512)], "budget": 1024, "width": 2048, "height": 2048}, "choose a larger budget"),
         ({"sizes": [(512, 512)], "budget": 1024, "width": 2048}, "choose a larger budget"),
-        ({"sizes": [(1, 5000), (512, 512)], "budget": 1024, "policy": "per-image"}, "too elongated"),
-        ({"sizes": [(1, 50000)], "budget": 1024}, "pass width and height"),
+        ({"sizes": [(1, 5000), (512, 512)], "budget": 1024, "policy": "per-image"}, "beyond the 512:1 limit"),
+        ({"sizes": [(1, 50000)], "budget": 1024}, "crop or pad it nearer to square"),
+        ({"sizes": [(8, 4096)], "budget": 64 * 64, "policy": "per-image", "width": 32, "height": 32}, "too elongated"),
+        ({"sizes": [(1, 1000)], "budget": 1024}, "aspect of 1000:1"),
     ],
 )
 def test_errors_say_what_to_change(kwargs: dict, match: str) -> None:

@@ -242,3 +242,25 @@ def test_edit_accepts_a_preset_name(tmp_path, monkeypatch, capsys):
     stamp = (built / "model_index.json").stat().st_mtime_ns
     assert resolve_model("tiny") == ("diffusers", built)
     assert (built / "model_index.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("target", ["blocker/x.png", "missing/x.png", "x.tiff2", "x"],
+                         ids=["parent-is-a-file", "missing-parent", "unknown-extension", "no-extension"])
+def test_bad_output_path_exits_2_before_any_model(tiny_model_dir, inputs, out_dir, capsys, monkeypatch, target):
+    """The output path is checked first: no model is loaded for a path that cannot be written."""
+    (out_dir / "blocker").write_text("x")
+    monkeypatch.setattr("uniref_deploy.runtime.pipeline.Pipeline.from_pretrained",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    rc = main(["edit", str(tiny_model_dir), "--image", str(inputs["good"]), "--prompt", PROMPT,
+               "-o", str(out_dir / target)])
+    assert rc == 2
+    assert_one_error_line(capsys.readouterr().err)
+
+
+def test_output_format_follows_the_extension(tiny_model_dir, inputs, out_dir):
+    out = out_dir / "edit.jpg"
+    rc = main(["edit", str(tiny_model_dir), "--image", str(inputs["good"]), "--prompt", PROMPT, "--steps", "1",
+               "--width", "32", "--height", "32", "-o", str(out)])
+    assert rc == 0
+    with Image.open(out) as img:
+        assert img.format == "JPEG" and img.size == (32, 32)
