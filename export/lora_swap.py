@@ -23,6 +23,7 @@ import numpy as np
 from uniref_deploy.runtime.errors import ManifestError
 from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text, sha256_file
 from uniref_deploy.runtime.graphs import DIT
+from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import ORT_VARIANT, Manifest, StageRecord
 
 from .lora import BASE_FILE, LoraSpec, lora_pairs, read_checked, save_lora_base
@@ -54,12 +55,14 @@ def write_lora_index(art: Path, dit, graph_files: Sequence[str]) -> None:
     atomic_write_text(art / INDEX_FILE, json.dumps(index, indent=1))
 
 
+@writes_artifacts("lora", arg="art")
 def swap_loras(art: str | Path, specs: Sequence[LoraSpec], progress: Callable[[str], None] | None = None) -> Manifest:
     """Replace the fused LoRAs of ``art``'s DiT graphs by ``specs`` (empty: back to the base weights).
 
     Raises:
         InputError: a LoRA is unreadable, for another model, or has a non-finite scale (nothing is written).
         ManifestError: the artifact has no LoRA index (exported before this feature or lean).
+        ArtifactLockedError: another write stage holds ART's lock.
     """
     import onnx
 
