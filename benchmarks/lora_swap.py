@@ -27,7 +27,7 @@ def main() -> None:
 
     import diffusers
 
-    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.presets import build_preset
     from uniref_deploy.tools.cli import main as cli
 
     model = build_preset(args.preset, args.work / args.preset, seed=0)
