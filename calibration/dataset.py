@@ -24,13 +24,14 @@ from PIL import Image, ImageDraw
 
 from uniref_deploy.runtime import latents as lat
 from uniref_deploy.runtime.backends.ort import OrtBackend
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import CalibrationError, InputError
 from uniref_deploy.runtime.fileio import sha256_file, sha256_json
-from uniref_deploy.runtime.graphs import VAE_ENCODER
+from uniref_deploy.runtime.graphs import VAE_ENCODER, dit_static_feeds
 from uniref_deploy.runtime.images import load_image, to_model_input
 from uniref_deploy.runtime.manifest import Manifest
 from uniref_deploy.runtime.packing import max_references, pack_references
-from uniref_deploy.runtime.rope import RopeCache, RopeConfig, modulation_index
+from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 from uniref_deploy.runtime.scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -63,7 +64,7 @@ class CalibrationSample:
     """One DiT call: its feeds and how it was drawn."""
 
     feeds: dict
-    bucket: int
+    bucket: Budget
     num_references: int
     text_tokens: int
     image_tokens: int
@@ -129,7 +130,7 @@ def fingerprint(spec: DatasetSpec, manifest: Manifest) -> str:
     """sha256 of everything the samples depend on: the spec, the image files, buckets, the VAE encoder graph."""
     images = [sha256_file(p) for p in image_files(spec.images)] if spec.images else "procedural-v1"
     vae = manifest.graph(VAE_ENCODER, "fp32").sha256
-    return sha256_json({"spec": spec.__dict__ | {"images": None}, "images": images, "budgets": manifest.budgets,
+    return sha256_json({"spec": spec.__dict__ | {"images": None}, "images": images, "budgets": [b.pixels for b in manifest.budgets],
                         "vae": vae, "model": manifest.model.transformer})
 
 
@@ -154,7 +155,7 @@ class CalibrationSet:
         self.scheduler_config = FlowMatchEulerConfig.from_dict(self.config.scheduler)
         self.mean = np.asarray(self.config.vae["latents_mean"], np.float32)
         self.std = np.asarray(self.config.vae["latents_std"], np.float32)
-        self.buckets = manifest.budgets or (1024 * 1024,)
+        self.buckets = manifest.budgets or (Budget.from_side(1024),)
 
     def __len__(self) -> int:
         return self.spec.samples
@@ -183,37 +184,39 @@ class CalibrationSet:
         """An activated ORT session of the fp32 VAE encoder (the caller deactivates it)."""
         return OrtBackend(self.manifest.graph(VAE_ENCODER, "fp32"), self.art_dir).activate()
 
-    def _encode(self, vae: OrtBackend, img: Image.Image, width: int, height: int) -> np.ndarray:
+    def sample_budget(self, bucket: Budget) -> Budget:
+        """The packing budget of samples drawn for ``bucket``: the bucket, capped at ``spec.max_pixels``."""
+        return min(bucket, Budget.from_pixels(self.spec.max_pixels))
+
+    def encode_reference(self, vae: OrtBackend, img: Image.Image, width: int, height: int) -> np.ndarray:
+        """``img`` at ``width`` x ``height`` through the VAE encoder, normalised and packed into tokens."""
         latent = vae.infer({"image": to_model_input(img, width, height)})["latent"]
         return lat.pack(lat.normalize(latent, self.mean, self.std))  # [1, tokens, 4z]
 
     def _sample(self, i: int, rng: np.random.Generator, pool: list[Image.Image], vae: OrtBackend) -> CalibrationSample:
         bucket = self.buckets[i % len(self.buckets)]
-        pixels = min(bucket, self.spec.max_pixels)
-        n_refs = int(rng.integers(1, min(4, max_references(pixels)) + 1))
+        budget = self.sample_budget(bucket)
+        n_refs = int(rng.integers(1, min(4, max_references(budget)) + 1))
         refs = [pool[int(k)] for k in rng.choice(len(pool), size=n_refs, replace=n_refs > len(pool))]
-        layout = pack_references([im.size for im in refs], pixels, "self")
+        layout = pack_references([im.size for im in refs], budget, "self")
         tgt = layout.target
         # timestep from the real schedule, stratified over the trajectory
         sched = FlowMatchEulerScheduler(self.scheduler_config)
         sched.set_timesteps(self.spec.steps, image_seq_len=layout.num_target_tokens)
         step = min(self.spec.steps - 1, int((i + rng.random()) / self.spec.samples * self.spec.steps))
         sigma = float(sched.sigmas[step])
-        x0 = self._encode(vae, refs[-1], tgt.width, tgt.height)
+        x0 = self.encode_reference(vae, refs[-1], tgt.width, tgt.height)
         noise = lat.initial_noise(int(rng.integers(2**31)), self.config.latent_channels, tgt.latent_h, tgt.latent_w)
         x_t = ((1.0 - sigma) * x0 + sigma * noise).astype(np.float32)
-        ref_tokens = [self._encode(vae, im, s.width, s.height) for im, s in zip(refs, layout.references, strict=True)]
+        ref_tokens = [self.encode_reference(vae, im, s.width, s.height) for im, s in zip(refs, layout.references, strict=True)]
         text_len = int(rng.integers(8, self.spec.max_text + 1))
         embeds = rng.standard_normal((1, text_len, self.config.text_hidden_size), dtype=np.float32)
+        static = dit_static_feeds(self.config, self.rope, layout, embeds, np.ones((1, text_len), dtype=bool))
         feeds = {
             "hidden_states": np.concatenate([x_t, *ref_tokens], axis=1),
-            "encoder_hidden_states": embeds,
-            "encoder_hidden_states_mask": np.ones((1, text_len), dtype=bool),
             "timestep": np.full((1,), float(sched.timesteps[step]) / 1000.0, dtype=np.float32),
-            **{k: np.ascontiguousarray(v) for k, v in self.rope.tables(layout.grids, text_len).items()},
+            **{k: np.ascontiguousarray(v) for k, v in static.items()},
         }
-        if self.config.zero_cond_t:
-            feeds["modulate_index"] = modulation_index(layout.grids)
         return CalibrationSample(feeds, bucket, n_refs, text_len, layout.num_image_tokens, step, sigma)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 
+from uniref_deploy.export.graph_pass import initializer_map
 from uniref_deploy.runtime._lazy import require
 from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.errors import CalibrationError
@@ -29,8 +30,8 @@ from uniref_deploy.runtime.graphs import DIT, VAE_DECODER
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
 
 from . import dataset as ds
+from .fp8 import FIGURE_KEYS
 from .layers import find_layers, split_layers
-from .passes.base import initializer_map
 from .report import bucket_accuracy
 
 logger = logging.getLogger(__name__)
@@ -145,10 +146,9 @@ def calibrate_int8(art_dir, options: Int8Options, progress: Progress | None = No
         with OrtBackend(fp32, art) as b32, OrtBackend(spec, art) as b8, \
                 OrtBackend(manifest.graph(VAE_DECODER, "fp32"), art) as dec:
             for bucket in calset.buckets:
-                _say(progress, f"calibrate int8: {options.eval_steps}-step accuracy run, bucket {int(bucket ** 0.5)}²")
+                _say(progress, f"calibrate int8: {options.eval_steps}-step accuracy run, bucket {bucket}")
                 res = bucket_accuracy(calset, bucket, b32, b8, dec, options.eval_steps, options.seed)
-                figures[f"b{int(bucket ** 0.5)}"] = {k: res[k] for k in ("cosine_min", "cosine_mean",
-                                                                         "latent_psnr_db", "image_psnr_db", "steps")}
+                figures[f"b{bucket.name}"] = {k: res[k] for k in FIGURE_KEYS}
     info = {"quantization": "int8 dynamic", "weights": "int8 per output channel",
             "activations": "dynamic per tensor (one scale per call)", "quantised_layers": len(quant),
             "skipped_layers": sorted({ly.module for ly in high}), "ort_kernels": kernels, "figures": figures}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .passes.base import initializer_map
+from uniref_deploy.export.graph_pass import initializer_map
 
 # Layers kept out of FP8 per DiT family: the embedders and the output head (tiny, and the most sensitive).
 HIGH_PRECISION: dict[str, tuple[str, ...]] = {

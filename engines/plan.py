@@ -43,7 +43,7 @@ def plan_budgets(manifest: Manifest, budgets: Sequence[Budget | int]) -> tuple[B
     Raises:
         InputError: no budgets, an untrained budget, or one the artifacts were not exported for.
     """
-    exported = {Budget.coerce(int(b)) for b in manifest.budgets}
+    exported = set(manifest.budgets)  # Budgets (Manifest coerces on construction)
     chosen = set()
     for value in budgets:
         budget = Budget.coerce(value)

@@ -30,10 +30,12 @@ import numpy as np
 import onnx
 import torch
 
+from uniref_deploy.runtime.artifacts import TRT_LINT_REPORT, VALIDATION_REPORT
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import ExportError, InputError, ManifestError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
 from uniref_deploy.runtime.generation import Staging
-from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
+from uniref_deploy.runtime.graphs import DIT, ROPE_INPUT_POSITIONS, VAE_DECODER, VAE_ENCODER, graph_io
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import (
     ORT_VARIANT,
@@ -43,7 +45,7 @@ from uniref_deploy.runtime.manifest import (
     StageRecord,
     TensorSpec,
 )
-from uniref_deploy.runtime.packing import budget_pixels
+from uniref_deploy.runtime.precision import EXPORT_PRECISIONS, FP16_MAX, VAE_PRECISIONS
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
@@ -67,15 +69,14 @@ from .trt_lint import lint_model
 from .validate import FP32_TOLERANCE, ValidationRow, format_table, validate_graph
 
 logger = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "bf16")
-VAE_PRECISIONS = ("fp32", "fp16")
+PRECISIONS = EXPORT_PRECISIONS  # the names `export --dtypes` accepts
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """Args:
-    budgets: bucket sides to record and validate (1024, 1536, 2048).
+    budgets: budgets to record and validate (``Budget``s; ints are read as in ``Budget.coerce``).
     dtypes: graph precisions to export ("fp32" always comes first: it is the reference; not so in a lean export,
         where an fp32 DiT of a large model would not fit on disk: there the DiT gets exactly these).
     opset: ONNX opset (>= 17).
@@ -83,7 +84,7 @@ class ExportOptions:
     validation_target_area: target pixel cap for validation layouts above 1024² (memory bound, see samples.py).
     validation_area: pack the full validation's layouts at this many pixels instead of each bucket's (None: the
         bucket's); for real-width models whose S×S attention scores at a full bucket do not fit in memory.
-    fp16_safety: layers whose measured |activation| exceeds 65504 / fp16_safety stay fp32 in the fp16 graph.
+    fp16_safety: layers whose measured |activation| exceeds FP16_MAX / fp16_safety stay fp32 in the fp16 graph.
     force: export even if the inputs are unchanged.
     ort_fusions: also write ``onnx/dit.ort.onnx``, the fp32 DiT with ONNX Runtime contrib-op fusions (validated
         like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).
@@ -98,7 +99,7 @@ class ExportOptions:
     scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
     """
 
-    budgets: tuple[int, ...] = (1024,)
+    budgets: tuple[Budget, ...] = (Budget.from_side(1024),)
     dtypes: tuple[str, ...] = ("fp32",)
     opset: int = DEFAULT_OPSET
     validate: bool = True
@@ -115,6 +116,7 @@ class ExportOptions:
     scheduler_config: Path | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
         bad = [d for d in self.dtypes if d not in PRECISIONS]
         if bad:
             raise InputError(f"Unknown dtype(s) {bad}.", f"use {', '.join(PRECISIONS)}.")
@@ -248,8 +250,8 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
     if options.scheduler_config is not None:
         config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
     dtypes = export_dtypes(options.dtypes, lean)
-    settings = {**asdict(options), "dtypes": list(dtypes), "lean": lean,
-                "loras": [spec.record() for spec in options.loras],
+    settings = {**asdict(options), "budgets": [b.pixels for b in options.budgets], "dtypes": list(dtypes),
+                "lean": lean, "loras": [spec.record() for spec in options.loras],
                 "scheduler_config": config.scheduler if options.scheduler_config else None}
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
@@ -315,7 +317,7 @@ def _fp16_islands(run: _Run) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _layouts(budget: int, target_area: int, validation_area: int | None) -> list:
+def _layouts(budget: Budget, target_area: int, validation_area: int | None) -> list:
     return validation_layouts(budget, target_area, validation_area)
 
 
@@ -342,7 +344,7 @@ def _jobs(run: _Run, precision: str) -> list[GraphJob]:
         dit = GraphJob(DIT, precision, functools.partial(_write_lean_dit, run, precision, keep), refs[DIT],
                        [] if twin else dit_full, dit_smoke, twin_smoke=twin)
     else:
-        module = _at_precision(refs[DIT], precision, keep, rope_inputs=(4, 5, 6, 7))
+        module = _at_precision(refs[DIT], precision, keep, rope_inputs=ROPE_INPUT_POSITIONS)
         example = dit_sample(config, _example_layout(), 7, batch=2, rope=run.rope)
         dit_in = graph_io(DIT, config)[0]
         args = tuple(torch.from_numpy(example.feeds[s.name]) for s in dit_in)
@@ -350,7 +352,7 @@ def _jobs(run: _Run, precision: str) -> list[GraphJob]:
                        dit_full, dit_smoke, _bf16_fallback(module, precision))
     if precision == "fp16":
         dit.info.update(fp32_layers=keep, activation_ranges={k: round(v, 4) for k, v in run.ranges.items()},
-                        fp16_threshold=65504.0 / opts.fp16_safety)
+                        fp16_threshold=FP16_MAX / opts.fp16_safety)
     jobs = [dit]
     if precision in VAE_PRECISIONS:  # ONNX Conv has no bf16 before opset 22: the VAE stays fp32/fp16
         enc, dec = _at_precision(refs[VAE_ENCODER], precision), _at_precision(refs[VAE_DECODER], precision)
@@ -479,17 +481,16 @@ def _validations(run: _Run, job: GraphJob, path: Path, names: list[str], graph: 
 def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
     """Reports, the stage record and the manifest switch (``staging`` -> ``live``); raises when an fp32 graph
     missed its tolerance."""
-    reports = run.art / "reports"
-    atomic_write_text(reports / "trt_lint.json", json.dumps(run.lint, indent=2))
+    atomic_write_text(run.art / TRT_LINT_REPORT, json.dumps(run.lint, indent=2))
     rows = run.rows
     if rows:
-        atomic_write_text(reports / "export_validation.json", json.dumps([r.to_dict() for r in rows], indent=2))
+        atomic_write_text(run.art / VALIDATION_REPORT, json.dumps([r.to_dict() for r in rows], indent=2))
         run.say("export validation (ONNX Runtime CPU vs torch fp32):\n" + format_table(rows))
     failed = [r for r in rows if r.precision == "fp32" and not r.result and r.graph != f"{DIT}.{ORT_VARIANT}"]
     errors = [(g.key, g.info[k]["error"]) for g in run.manifest.graphs if g.precision == "fp32" and not g.variant
               for k in ("smoke", "validation") if "error" in g.info.get(k, {})]
     smoke = [g.info["smoke"]["passed"] for g in run.manifest.graphs if "smoke" in g.info]
-    run.manifest = run.manifest.with_budgets(tuple(budget_pixels(b) for b in run.options.budgets)).with_stage(
+    run.manifest = run.manifest.with_budgets(run.options.budgets).with_stage(
         StageRecord(
             stage="export", inputs_sha256=run.inputs_hash if not (failed or errors) else "failed", settings=run.settings,
             seconds=round(time.perf_counter() - run.started, 2), tool_versions=run.versions,
@@ -505,16 +506,15 @@ def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
     run.manifest = staging.commit(run.manifest)
     if not run.lora_base:
         save_lora_base(live, {})  # no LoRA fused now: a base file of an earlier export is stale
-    reports = live / "reports"
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
-                          f"see {reports / 'export_validation.json'}; run with -vv for the export trace.")
+                          f"see {live / VALIDATION_REPORT}; run with -vv for the export trace.")
     if failed:
         worst = max(failed, key=lambda r: r.result.rel_max)
         raise ExportError(
             f"Validation failed: {worst.graph} fp32 on '{worst.sample}' differs from torch by "
             f"{worst.result.rel_max:.2e} of scale (tolerance {FP32_TOLERANCE:g}).",
-            f"see {reports / 'export_validation.json'}.",
+            f"see {live / VALIDATION_REPORT}.",
         )
     return run.manifest
 

@@ -39,7 +39,7 @@ import torch
 
 from uniref_deploy.runtime.errors import ExportError
 from uniref_deploy.runtime.fileio import make_temp_dir
-from uniref_deploy.runtime.graphs import dit_io
+from uniref_deploy.runtime.graphs import ROPE_INPUT_POSITIONS, dit_io
 from uniref_deploy.runtime.manifest import ModelConfig
 
 from .graph_export import DEFAULT_OPSET, _by_position, _summary, dynamic_shapes_for, name_dynamic_axes
@@ -135,7 +135,7 @@ def build_meta_dit(transformer_config: dict, dtype: str, keep_fp32: Iterable[str
             island = Float32Island(layer)
             keys.update({id(t): before[n] for n, t in island.inner.named_parameters() if n in before})
             setattr(parent, child, island)
-        module = IOCast(dit, DTYPES[dtype], keep_float32=(4, 5, 6, 7)).eval()
+        module = IOCast(dit, DTYPES[dtype], keep_float32=ROPE_INPUT_POSITIONS).eval()
     names = {n: keys[id(t)] for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) in keys}
     return module, names
 
@@ -151,8 +151,6 @@ def _example_args(config: ModelConfig) -> tuple:
 
 def trace_without_weights(module: torch.nn.Module, config: ModelConfig, opset: int = DEFAULT_OPSET):
     """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of the meta module; weights removed from the graph."""
-    import onnx_ir as ir
-
     inputs, outputs = dit_io(config)
     names = [s.name for s in inputs]
     try:
@@ -191,7 +189,6 @@ def trace_without_weights(module: torch.nn.Module, config: ModelConfig, opset: i
         if value.const_value is None or (isinstance(raw, torch.Tensor) and raw.device.type == "meta"):
             raise ExportError(f"Initializer '{name}' has no data after the meta export.",
                               "a constant derived from weights cannot be streamed; report this graph.")
-    del ir
     return program, declared
 
 

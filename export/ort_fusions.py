@@ -36,6 +36,7 @@ from uniref_deploy.runtime.fileio import make_temp_dir
 from uniref_deploy.runtime.manifest import ORT_VARIANT, TensorSpec
 
 from .graph_export import EXTERNAL_DATA_THRESHOLD, move_into_place, name_dynamic_axes
+from .graph_pass import GraphPass, consumers
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, specs: Sequence
         del model
         proto = onnx.load(str(tmp), load_external_data=False)
         if num_heads:
-            counts["interleaved_rope"] = InterleavedRopeFusion(num_heads).apply(proto)
+            counts["interleaved_rope"] = InterleavedRopeFusion(num_heads)(proto)
         if drop_text_mask:
-            counts["unmasked_attention"] = UnmaskedAttention().apply(proto)
+            counts["unmasked_attention"] = UnmaskedAttention()(proto)
         name_dynamic_axes(proto, specs)
         onnx.save_model(proto, str(tmp))  # no onnx.checker: it knows no contrib op; validation runs it in ORT
         move_into_place(tmp_dir, dst)
@@ -89,7 +90,7 @@ def fuse_for_ort(src: str | os.PathLike, dst: str | os.PathLike, specs: Sequence
     return fired
 
 
-class InterleavedRopeFusion:
+class InterleavedRopeFusion(GraphPass):
     """``rotate()`` of export/qwen_image.py -> one ``com.microsoft.RotaryEmbedding`` (interleaved=1) per tensor.
 
     Matches, on x [B, S, H, D] and 2-D tables cos/sin [S, D/2] (graph inputs, broadcast by Unsqueeze):
@@ -101,6 +102,8 @@ class InterleavedRopeFusion:
     position offset 0 reads row s of the tables for token s, which is how the runtime lays them out.
     """
 
+    name = "interleaved_rope"
+
     def __init__(self, num_heads: int):
         self.num_heads = num_heads
 
@@ -108,16 +111,13 @@ class InterleavedRopeFusion:
         """Rewrite ``model`` in place; returns the number of rotations fused (dead nodes are removed)."""
         graph = model.graph
         producer = {o: n for n in graph.node for o in n.output}
-        consumers: dict[str, list] = {}
-        for n in graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
+        users = consumers(graph)
         constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer if i.dims in ([], [1], [2])}
         before: dict[str, list] = {}  # output name of a node -> new nodes to insert right before it (topological)
         fused = 0
         zero = "uniref_rope_position_offset"
         for concat in list(graph.node):
-            match = self._match(concat, producer, consumers, constants)
+            match = self._match(concat, producer, users, constants)
             if match is None:
                 continue
             x, cos, sin, final = match
@@ -172,12 +172,14 @@ class InterleavedRopeFusion:
         return pairs.input[0], cos, sin, users[0]
 
 
-class UnmaskedAttention:
+class UnmaskedAttention(GraphPass):
     """Detach the ``attention_bias`` (input 5) of every ``com.microsoft.MultiHeadAttention``; dead nodes go too.
 
     Only for graphs fed unpadded text: the bias is all zeros then, and without it ONNX Runtime's CPU kernel runs
     flash attention instead of materialising [B, H, S, S] scores.
     """
+
+    name = "unmasked_attention"
 
     def apply(self, model: onnx.ModelProto) -> int:
         """Rewrite ``model`` in place; returns the number of attention nodes changed."""

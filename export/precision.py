@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-FP16_MAX = 65504.0
+from uniref_deploy.runtime.precision import FP16_MAX
+
 FP16_SAFETY = 4.0  # keep layers whose |activation| exceeds FP16_MAX / FP16_SAFETY in fp32
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MEASURED_TYPES = (nn.Linear, nn.LayerNorm, nn.GELU)

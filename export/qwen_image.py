@@ -22,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Layers kept in high precision by FP8 / mixed-precision passes (embedders, final norm and output projection).
-HIGH_PRECISION_PREFIXES = ("img_in", "txt_in", "txt_norm", "time_text_embed", "norm_out", "proj_out")
-
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, S, H, D] by tables cos/sin [S, D/2] (float32 math)."""
@@ -98,13 +95,11 @@ class QwenImageDitForExport(nn.Module):
 
     Args:
         transformer: a loaded diffusers QwenImageTransformer2DModel (its submodules are shared, not copied).
-        use_mask: take ``encoder_hidden_states_mask`` into attention (needed for batched CFG with padded text).
     """
 
-    def __init__(self, transformer: nn.Module, use_mask: bool = True):
+    def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
-        self.use_mask = use_mask
         self.zero_cond_t = bool(getattr(transformer.config, "zero_cond_t", False))
         if getattr(transformer.config, "guidance_embeds", False):
             raise NotImplementedError("guidance-distilled Qwen-Image variants are not supported by this adapter")
@@ -121,9 +116,7 @@ class QwenImageDitForExport(nn.Module):
         if self.zero_cond_t:  # the t and zero-t embeddings on their own leading axis: 2, B, D
             temb = torch.stack([temb, tr.time_text_embed(timestep * 0, hidden_states)])
         rope = ((img_cos, img_sin), (txt_cos, txt_sin))
-        mask = None
-        if self.use_mask:
-            mask = key_padding_bias(encoder_hidden_states_mask, hidden_states.shape[1], hidden_states.dtype)
+        mask = key_padding_bias(encoder_hidden_states_mask, hidden_states.shape[1], hidden_states.dtype)
         for block in tr.transformer_blocks:
             if self.zero_cond_t:
                 encoder_hidden_states, hidden_states = zero_cond_block(

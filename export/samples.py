@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.manifest import ModelConfig
-from uniref_deploy.runtime.packing import PackedLayout, budget_pixels, pack_references
+from uniref_deploy.runtime.packing import PackedLayout, as_budget, pack_references
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig, modulation_index
 
 # (reference sizes, text length, padded text tokens)
@@ -39,9 +40,8 @@ class Sample:
 
     @property
     def label(self) -> str:
-        side = int(round(math.sqrt(self.layout.budget)))
         txt = self.feeds["encoder_hidden_states"].shape[1]
-        return f"b{side} refs={len(self.layout.references)} img={self.layout.num_image_tokens} txt={txt}"
+        return f"b{self.layout.budget.name} refs={len(self.layout.references)} img={self.layout.num_image_tokens} txt={txt}"
 
 
 # (reference sizes, text length, batch, budget pixels, target width x height): the smallest budgets that hold the
@@ -49,22 +49,22 @@ class Sample:
 SMOKE_CASES = (((( 96, 160),), 16, 1, 256 * 256, (128, 160)), (((160, 96), (128, 128)), 9, 2, 2 * 256 * 256, (128, 128)))
 
 
-def validation_layouts(budget: int, target_area: int = 512 * 512,
+def validation_layouts(budget: Budget | int, target_area: int = 512 * 512,
                        validation_area: int | None = None) -> list[tuple[PackedLayout, int, int]]:
-    """(layout, text length, padded tokens) for ``budget`` (a side or pixels), packed at ``validation_area``
-    pixels instead when that is given and smaller."""
-    pixels = budget_pixels(budget)
+    """(layout, text length, padded tokens) for ``budget`` (a ``Budget``; an int as in ``Budget.coerce``), packed
+    at ``validation_area`` pixels instead when that is given and smaller."""
+    budget = as_budget(budget)
     if validation_area is not None:
-        pixels = min(pixels, int(validation_area))
+        budget = min(budget, Budget.from_pixels(int(validation_area)))
     out = []
     for sizes, txt, pad in LAYOUT_CASES:
-        if pixels <= 1024 * 1024:
-            layout = pack_references(sizes, pixels)
+        if budget <= Budget.from_side(1024):
+            layout = pack_references(sizes, budget)
         else:
             w, h = sizes[-1]
             side_w = max(16, int(math.sqrt(target_area * w / h)) // 16 * 16)
             side_h = max(16, int(math.sqrt(target_area * h / w)) // 16 * 16)
-            layout = pack_references(sizes, pixels, width=side_w, height=side_h)
+            layout = pack_references(sizes, budget, width=side_w, height=side_h)
         out.append((layout, txt, pad))
     return out
 

@@ -49,6 +49,7 @@ from uniref_deploy.runtime.pipeline_classes import (
     SYSTEM_PREFIX,
     SYSTEM_PREFIX_TOKENS,
 )
+from uniref_deploy.runtime.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +71,8 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
-# Qwen-Image-Edit's scheduler_config.json (keys not listed keep FlowMatchEulerDiscreteScheduler's defaults).
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "time_shift_type": "exponential",
-    "use_dynamic_shifting": True,
-    "invert_sigmas": False,
-    "stochastic_sampling": False,
-    "use_beta_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
+# Qwen-Image-Edit's scheduler_config.json: one home, runtime/scheduler.py.
+SCHEDULER_CONFIG: dict[str, Any] = dict(QWEN_IMAGE_SCHEDULER_CONFIG)
 
 # Tokenizer training text: the pipeline's own template pieces (repeated so every template word becomes one token)
 # plus short edit instructions, so ordinary prompts tokenize into words rather than bytes.

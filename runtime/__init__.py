@@ -4,6 +4,8 @@ Importing this package pulls in numpy and the standard library only; torch, onnx
 transformers are imported lazily by the pieces that need them.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     BackendError,
     InputError,
@@ -12,6 +14,9 @@ from .errors import (
     PackingError,
     UnirefError,
 )
+
+if TYPE_CHECKING:  # type checkers see the class; importing the package at run time stays numpy-only
+    from .pipeline import Pipeline
 
 __all__ = [
     "BackendError",

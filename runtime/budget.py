@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from .errors import InputError
 
 TRAINED_SIDES = (1024, 1536, 2048)
-PIXELS_PER_TOKEN = 16 * 16  # VAE downsample 8 x patch 2: one token per 16x16 pixels
+PIXELS_PER_TOKEN_SIDE = 16  # VAE downsample 8 x patch 2: one token per 16x16 pixels
+PIXELS_PER_TOKEN = PIXELS_PER_TOKEN_SIDE * PIXELS_PER_TOKEN_SIDE
 MAX_SIDE_SHORTHAND = 8192  # on the CLI, an integer up to this is a side; above it, a pixel count
 
 
@@ -130,7 +131,9 @@ def _positive_int(value: object, what: str) -> int:
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise InputError(f"The {what} must be an integer, got {value!r}.") from None
+        raise InputError(f"{what.capitalize()} must be an integer, got {value!r}.",
+                         f"pass a side such as {TRAINED_SIDES[0]} or a pixel count.") from None
     if isinstance(value, bool) or number <= 0:
-        raise InputError(f"The {what} must be positive, got {value!r}.")
+        raise InputError(f"{what.capitalize()} must be positive, got {value!r}.",
+                         f"use a side such as {TRAINED_SIDES[0]} or a pixel count.")
     return number

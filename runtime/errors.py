@@ -24,6 +24,10 @@ class InputError(UnirefError):
     """Bad request input: an unreadable image, a prompt too long, an unknown option value."""
 
 
+class ConfigError(InputError, ValueError):
+    """A model configuration this build cannot run (e.g. a scheduler option that is not ported)."""
+
+
 class PackingError(InputError):
     """A reference set that cannot be packed into the requested budget."""
 

@@ -54,11 +54,11 @@ class Staging:
                 _link_over(self.root / f, self.art / f)
         manifest.save(self.art)  # 3. final manifest
         done = {f for g in staged for f in (g.file, g.external_data) if f}
-        for f in sorted(self.root.rglob("*")):
-            r = str(f.relative_to(self.root))
-            if f.is_file() and r not in done:
+        for staged_file in sorted(self.root.rglob("*")):
+            r = str(staged_file.relative_to(self.root))
+            if staged_file.is_file() and r not in done:
                 (self.art / r).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, self.art / r)
+                os.replace(staged_file, self.art / r)
         for f in self.old_files - _graph_files(manifest):
             (self.art / f).unlink(missing_ok=True)
         self.discard()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budget import Budget
 from .errors import InputError, ManifestError, UnirefError
 from .fileio import atomic_write_text, sha256_file
 from .model_checks import check_transformer_config, resolve_pipeline_class
@@ -22,7 +23,7 @@ from .pipeline_classes import EDIT_PLUS
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one engine per precision (budgets in pixels), text_encoder_dir relative to the artifact folder
 MANIFEST_NAME = "manifest.json"
 TEXT_ENCODER_DTYPES = ("auto", "bfloat16", "float32")
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "bool")
@@ -250,11 +251,19 @@ class Manifest:
     """The artifact directory's contents; immutable, updated with ``replace``-style helpers."""
 
     model: ModelConfig
-    budgets: tuple[int, ...] = ()
+    budgets: tuple[Budget, ...] = ()
     graphs: tuple[GraphSpec, ...] = ()
     engines: tuple[EngineSpec, ...] = ()
     stages: tuple[StageRecord, ...] = ()
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
+
+    @property
+    def largest_budget(self) -> Budget | None:
+        """The largest compiled budget (None when none was recorded)."""
+        return max(self.budgets, default=None)
 
     # ---- lookups -------------------------------------------------------------------------------------------
     def graph(self, name: str, precision: str = "fp32", variant: str = "") -> GraphSpec:
@@ -290,18 +299,23 @@ class Manifest:
         kept = tuple(s for s in self.stages if s.stage != record.stage)
         return dataclasses.replace(self, stages=(*kept, record))
 
-    def with_budgets(self, budgets: tuple[int, ...]) -> Manifest:
-        return dataclasses.replace(self, budgets=tuple(sorted(set(budgets))))
+    def with_budgets(self, budgets: tuple[Budget | int, ...]) -> Manifest:
+        """Record ``budgets`` (an int is a pixel count or a trained side, as in ``Budget.coerce``)."""
+        return dataclasses.replace(self, budgets=tuple(sorted({Budget.coerce(b) for b in budgets})))
 
     # ---- (de)serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["budgets"] = [b.pixels for b in self.budgets]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
+        """A manifest from its JSON dict; older schema versions are upgraded first (:func:`migrate`)."""
+        d = migrate(d)
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ManifestError(
@@ -311,14 +325,16 @@ class Manifest:
         try:
             return cls(
                 model=ModelConfig.from_dict(d["model"]),
-                budgets=tuple(int(b) for b in d.get("budgets", ())),
+                budgets=tuple(Budget.from_pixels(int(b)) for b in d.get("budgets", ())),
                 graphs=tuple(GraphSpec.from_dict(g) for g in d.get("graphs", ())),
-                engines=tuple(EngineSpec.from_dict(e) for e in _migrate_engines(list(d.get("engines", ())))),
+                engines=tuple(EngineSpec.from_dict(e) for e in d.get("engines", ())),
                 stages=tuple(StageRecord.from_dict(s) for s in d.get("stages", ())),
                 schema_version=version,
             )
-        except (KeyError, TypeError, ValueError, AttributeError, UnirefError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ManifestError(f"Manifest is malformed: missing or bad field {err}.", "re-run the export.") from err
+        except UnirefError as err:
+            raise ManifestError(f"Manifest is malformed: {err.message}", "re-run the export.") from err
 
     @classmethod
     def load(cls, art_dir: str | os.PathLike) -> Manifest:
@@ -340,11 +356,13 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"'{path}' holds a JSON {type(data).__name__}, not an object.",
                                 "the file is damaged; re-run the export.")
-        return cls.from_dict(data)
+        return cls.from_dict(data).with_text_encoder_dir(_absolute(art_dir, data))
 
     def save(self, art_dir: str | os.PathLike) -> Path:
+        """Write ``manifest.json`` atomically; ``text_encoder_dir`` is stored relative to ``art_dir``."""
         path = Path(art_dir) / MANIFEST_NAME
-        atomic_write_text(path, self.to_json() + "\n")
+        saved = self.with_text_encoder_dir(_relative(art_dir, self.model.text_encoder_dir))
+        atomic_write_text(path, saved.to_json() + "\n")
         return path
 
     def file_status(self, art_dir: str | os.PathLike, names: tuple[str, ...] | None = None,
@@ -359,6 +377,9 @@ class Manifest:
         if engines:
             files += [(e.file, e.sha256) for e in self.engines]
         return [(rel, _status(root / rel, sha)) for rel, sha in files]
+
+    def with_text_encoder_dir(self, folder: str | None) -> Manifest:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, text_encoder_dir=folder))
 
     def verify_files(self, art_dir: str | os.PathLike, names: tuple[str, ...] | None = None) -> None:
         """Check that each graph file and its external data exist and match their recorded sha256.
@@ -396,3 +417,41 @@ def _status(path: Path, sha256: str | None) -> str:
         return "ok" if sha256 and sha256_file(path) == sha256 else "damaged"
     except OSError:
         return "damaged"
+
+
+# ---- paths of the source model ----------------------------------------------------------------------------------
+
+
+def _relative(art_dir: str | os.PathLike, folder: str | None) -> str | None:
+    """``folder`` relative to ``art_dir`` (POSIX separators), so the two can move together."""
+    if not folder or not Path(folder).is_absolute():
+        return folder  # already relative to the artifact folder
+    return Path(os.path.relpath(Path(folder).resolve(), Path(art_dir).resolve())).as_posix()
+
+
+def _absolute(art_dir: str | os.PathLike, data: dict) -> str | None:
+    """The stored ``text_encoder_dir`` resolved against ``art_dir`` (absolute paths of v1 manifests stay)."""
+    folder = (data.get("model") or {}).get("text_encoder_dir")
+    return str((Path(art_dir) / folder).resolve()) if folder else folder
+
+
+# ---- schema migrations --------------------------------------------------------------------------------------------
+
+
+def _v1_to_v2(d: dict) -> dict:
+    """v1 engine records were one plan per bucket (``budget``, a side); v2 has one plan per precision with a
+    profile per bucket (``budgets``, pixels). Per-bucket records are dropped (``_migrate_engines``); paths stay:
+    ``Manifest.load`` resolves a v1 absolute ``text_encoder_dir`` as it is."""
+    return {**d, "engines": _migrate_engines(list(d.get("engines", ()))), "schema_version": 2}
+
+
+MIGRATIONS = {1: _v1_to_v2}  # version -> step to version + 1
+
+
+def migrate(d: dict) -> dict:
+    """Upgrade a manifest dict of an older schema version, one step at a time, up to ``SCHEMA_VERSION``."""
+    version = d.get("schema_version")
+    while isinstance(version, int) and version < SCHEMA_VERSION and version in MIGRATIONS:
+        d = MIGRATIONS[version](d)
+        version = d.get("schema_version")
+    return d

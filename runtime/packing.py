@@ -32,12 +32,11 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import PackingError
+from .budget import PIXELS_PER_TOKEN_SIDE, Budget
+from .errors import InputError, PackingError
 
-BUDGETS: dict[int, int] = {1024: 1024 * 1024, 1536: 1536 * 1536, 2048: 2048 * 2048}  # side -> pixels
 POLICIES = ("self", "proportional", "per-image")
 MIN_REFERENCE_SIDE = 256  # a budget holds at most B // MIN_REFERENCE_SIDE**2 references (16 / 36 / 64)
-PIXELS_PER_TOKEN_SIDE = 16  # VAE downsample 8 x patch 2
 MAX_ASPECT = 512  # long side / short side of a reference; see the module docstring
 
 _VAE_SCALE = 8
@@ -103,14 +102,14 @@ class PackedLayout:
     """Sizes and token offsets of the target and references of one request.
 
     Attributes:
-        budget: pixel budget ``B``.
+        budget: the pixel budget ``B``.
         policy: the policy that produced the reference sizes (one of ``POLICIES``).
         target: the output image slot (index 0, offset 0).
         references: reference slots in input order (index 1..N).
         source_sizes: ``(w, h)`` of the reference images as given.
     """
 
-    budget: int
+    budget: Budget
     policy: str
     target: ImageSlot
     references: tuple[ImageSlot, ...]
@@ -147,7 +146,7 @@ class PackedLayout:
 
     def to_dict(self) -> dict:
         return {
-            "budget": self.budget,
+            "budget": self.budget.pixels,
             "policy": self.policy,
             "target": self.target.to_dict(),
             "references": [ref.to_dict() for ref in self.references],
@@ -161,35 +160,21 @@ class PackedLayout:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def budget_pixels(budget: int) -> int:
-    """Normalise a budget to pixels.
-
-    Args:
-        budget (int): a pixel count (``1048576``), or one of the trained sides (1024, 1536, 2048) as shorthand.
-            Any other value is taken as pixels, so small test budgets such as ``64 * 64`` stay unambiguous.
-
-    Returns:
-        int: the budget in pixels.
+def as_budget(budget: Budget | int) -> Budget:
+    """``budget`` as a :class:`Budget` (a pixel count, or a trained side as shorthand: ``Budget.coerce``).
 
     Raises:
         PackingError: the budget is not a positive integer.
     """
     try:
-        value = operator.index(budget)
-    except TypeError:
-        raise PackingError(
-            f"Budget must be an integer, got {budget!r}.", hint="pass a side such as 1024 or a pixel count."
-        ) from None
-    if value <= 0:
-        raise PackingError(
-            f"Budget must be positive, got {value}.", hint=f"use one of {sorted(BUDGETS)} (a side in pixels)."
-        )
-    return value * value if value in BUDGETS else value
+        return Budget.coerce(budget)
+    except InputError as err:
+        raise PackingError(err.message, err.hint) from None
 
 
-def max_references(budget: int) -> int:
+def max_references(budget: Budget | int) -> int:
     """References a budget holds: ``B // MIN_REFERENCE_SIDE**2`` (16 / 36 / 64 for 1024 / 1536 / 2048)."""
-    return budget_pixels(budget) // (MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE)
+    return as_budget(budget).pixels // (MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE)
 
 
 def _check_sizes(sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -221,12 +206,11 @@ def _check_policy(policy: str) -> None:
         raise PackingError(f"Unknown packing policy {policy!r}; expected one of {', '.join(POLICIES)}.")
 
 
-def _check_count(count: int, pixels: int) -> None:
-    limit = pixels // (MIN_REFERENCE_SIDE * MIN_REFERENCE_SIDE)
+def _check_count(count: int, budget: Budget) -> None:
+    limit = max_references(budget)
     if count > limit:
-        side = math.isqrt(pixels)
         raise PackingError(
-            f"{count} references do not fit a {side}x{side} budget: it holds at most {limit} "
+            f"{count} references do not fit a {budget} budget: it holds at most {limit} "
             f"(each needs {MIN_REFERENCE_SIDE}x{MIN_REFERENCE_SIDE} px).",
             hint="use fewer references or a larger budget.",
         )
@@ -268,8 +252,8 @@ def _shrink_to_fit(
     The caller guarantees that the fixed boxes plus the ideal areas fit ``limit``, so this always succeeds
     after at most two floors per box.
     """
-    boxes = [list(box) for box in boxes]
-    total = sum(w * h for w, h in boxes)
+    sides = [list(box) for box in boxes]
+    total = sum(w * h for w, h in sides)
     while total > limit:
         # Of all rounded-up sides, floor the one that leaves its box's aspect closest to the ideal.
         best: tuple[float, int, int, int] | None = None  # (aspect error, box, axis, new side)
@@ -277,8 +261,8 @@ def _shrink_to_fit(
             if ideal is None:
                 continue
             for axis in (0, 1):
-                if boxes[i][axis] > ideal[axis]:
-                    trial = list(boxes[i])
+                if sides[i][axis] > ideal[axis]:
+                    trial = list(sides[i])
                     trial[axis] = _floor_to(ideal[axis], multiple)
                     error = abs(math.log(trial[0] / trial[1] * ideal[1] / ideal[0]))
                     if best is None or error < best[0]:
@@ -288,9 +272,9 @@ def _shrink_to_fit(
                 f"Could not fit {len(boxes)} images into {limit} px (internal rounding error)."
             )
         _, i, axis, new_side = best
-        total -= (boxes[i][axis] - new_side) * boxes[i][1 - axis]
-        boxes[i][axis] = new_side
-    return [(w, h) for w, h in boxes]
+        total -= (sides[i][axis] - new_side) * sides[i][1 - axis]
+        sides[i][axis] = new_side
+    return [(w, h) for w, h in sides]
 
 
 def _fit_references(
@@ -354,7 +338,7 @@ def _target_from_aspect(pixels: int, ratio: float, exact: bool) -> tuple[int, in
 
 def target_size(
     sizes: Sequence[tuple[int, int]],
-    budget: int,
+    budget: Budget | int,
     width: int | None = None,
     height: int | None = None,
     policy: str = "self",
@@ -371,7 +355,7 @@ def target_size(
 
     Args:
         sizes (Sequence[tuple[int, int]]): reference ``(w, h)``; may be empty when both sides are given.
-        budget (int): side or pixel count (see :func:`budget_pixels`).
+        budget (Budget | int): the budget (an int is a pixel count or a trained side, see :func:`as_budget`).
         width, height (int | None, default None): requested output size.
         policy (str, default "self"): packing policy (affects the rules above only).
 
@@ -382,7 +366,8 @@ def target_size(
         PackingError: no references and not both sides given; a side under 16 px; a requested size above
             the budget.
     """
-    pixels = budget_pixels(budget)
+    bounds = as_budget(budget)
+    pixels = bounds.pixels
     _check_policy(policy)
     sizes = _check_sizes(sizes)
     if width is None or height is None:
@@ -397,10 +382,11 @@ def target_size(
             derived_w, derived_h = calculate_dimensions(pixels, ratio)
             width = derived_w if width is None else width
             height = derived_h if height is None else height
-        elif width is None:
+        elif width is None and height is not None:
             width = round(_floor16(height) * ratio / PIXELS_PER_TOKEN_SIDE) * PIXELS_PER_TOKEN_SIDE
-        else:
+        elif width is not None:
             height = round(_floor16(width) / ratio / PIXELS_PER_TOKEN_SIDE) * PIXELS_PER_TOKEN_SIDE
+    assert width is not None and height is not None  # every branch above sets both
     width, height = _floor16(operator.index(width)), _floor16(operator.index(height))
     if width < PIXELS_PER_TOKEN_SIDE or height < PIXELS_PER_TOKEN_SIDE:
         raise PackingError(
@@ -408,10 +394,8 @@ def target_size(
             hint="use a width and height of at least 16 px.",
         )
     if width * height > pixels:
-        side = math.isqrt(pixels)
         raise PackingError(
-            f"Output size {width}x{height} ({width * height} px) exceeds the {side}x{side} budget "
-            f"({pixels} px).",
+            f"Output size {width}x{height} ({width * height} px) exceeds the {bounds} budget ({pixels} px).",
             hint="choose a larger budget or a smaller width/height.",
         )
     return width, height
@@ -424,7 +408,7 @@ def target_size(
 
 def pack_references(
     sizes: Sequence[tuple[int, int]],
-    budget: int,
+    budget: Budget | int,
     policy: str = "self",
     width: int | None = None,
     height: int | None = None,
@@ -433,7 +417,7 @@ def pack_references(
 
     Args:
         sizes (Sequence[tuple[int, int]]): ``(w, h)`` of the reference images, in order; may be empty.
-        budget (int): side (``1024``) or pixel count (``1048576``).
+        budget (Budget | int): the budget; an int is a pixel count (``1048576``) or a trained side (``1024``).
         policy (str, default "self"): one of ``POLICIES``.
         width, height (int | None, default None): output size; see :func:`target_size`.
 
@@ -444,12 +428,13 @@ def pack_references(
         PackingError: unknown policy; non-positive budget or image size; more than ``max_references(budget)``
             references (``self``/``proportional``); an output size that cannot be derived or exceeds the budget.
     """
-    pixels = budget_pixels(budget)
+    bounds = as_budget(budget)
+    pixels = bounds.pixels
     _check_policy(policy)
     sizes = _check_sizes(sizes)
     if policy != "per-image":  # per-image mirrors diffusers, which has no count limit (each ref gets area B)
-        _check_count(len(sizes), pixels)
-    target_w, target_h = target_size(sizes, pixels, width, height, policy=policy)
+        _check_count(len(sizes), bounds)
+    target_w, target_h = target_size(sizes, bounds, width, height, policy=policy)
 
     if not sizes:
         boxes: list[tuple[int, int]] = []
@@ -474,4 +459,4 @@ def pack_references(
         slot = ImageSlot("reference", index, w, h, offset)
         references.append(slot)
         offset += slot.num_tokens
-    return PackedLayout(pixels, policy, target, tuple(references), sizes)
+    return PackedLayout(bounds, policy, target, tuple(references), sizes)

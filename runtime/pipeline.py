@@ -17,7 +17,7 @@ import operator
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,21 +26,23 @@ from PIL import Image
 
 from . import latents as lat
 from .backends.base import Backend, backend_factory
+from .budget import Budget, trained_budgets
+from .denoise import StepCallback, cfg_combine, denoise
 from .errors import InputError, ManifestError
-from .graphs import DIT, VAE_DECODER, VAE_ENCODER
+from .graphs import DIT, VAE_DECODER, VAE_ENCODER, dit_static_feeds
 from .images import from_model_output, load_images, to_model_input, to_pil
 from .manifest import Manifest, ModelConfig
 from .model_checks import resolve_pipeline_class
-from .packing import BUDGETS, POLICIES, PackedLayout, budget_pixels, pack_references
+from .packing import POLICIES, PackedLayout, as_budget, pack_references
 from .pipeline_classes import EDIT_PLUS
 from .pipeline_classes import pipeline_class as pipeline_class_info
-from .rope import RopeCache, RopeConfig, modulation_index
+from .rope import RopeCache, RopeConfig
 from .scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
 from .text import CONDITION_IMAGE_AREA, QwenPromptEncoder
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int, float], None]  # (step index, total steps, seconds of this step)
+__all__ = ["Pipeline", "StageTimes", "StepCallback", "cfg_combine", "trim_text_padding"]
 
 
 @dataclass
@@ -76,15 +78,17 @@ class Pipeline:
         config: the model configuration (transformer/VAE/scheduler configs, text encoder location).
         backends: one ``Backend`` per graph name ("dit", "vae_encoder", "vae_decoder").
         text_encoder: a ``QwenPromptEncoder`` or None (then pass ``prompt_embeds``).
-        budgets: pixel budgets this pipeline may run; None allows any (torch backend).
+        budgets: the compiled budgets; a request may use any budget up to the largest (the graphs are dynamic),
+            or exactly one of them when a backend runs fixed buckets (TensorRT). None allows any (torch backend).
     """
 
     def __init__(self, config: ModelConfig, backends: dict[str, Backend], text_encoder: QwenPromptEncoder | None = None,
-                 budgets: Sequence[int] | None = None):
+                 budgets: Sequence[Budget | int] | None = None):
         self.config = config
         self.backends = backends
         self.text_encoder = text_encoder
-        self.budgets = tuple(budget_pixels(b) for b in budgets) if budgets else None
+        self.budgets = tuple(sorted(Budget.coerce(b) for b in budgets)) if budgets else None
+        self.exact_buckets = any(b.fixed_buckets for b in backends.values())
         self.pipeline_class = pipeline_class_info(config.pipeline_class)
         self.rope = RopeCache(RopeConfig.from_transformer_config(config.transformer))
         self.scheduler_config = FlowMatchEulerConfig.from_dict(config.scheduler)
@@ -111,6 +115,7 @@ class Pipeline:
                 "export the model (`uniref-deploy export`) and use Pipeline.from_artifacts for ort/trt.",
             )
         config = ModelConfig.from_diffusers_dir(model_dir, pipeline_class, text_encoder_dtype)
+        FlowMatchEulerConfig.from_dict(config.scheduler)  # a config we cannot run fails before any weight loads
         backends = backend_factory("torch").create(config, model_dir, dtype=torch_dtype)
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
         return cls(config, backends, text)
@@ -128,17 +133,16 @@ class Pipeline:
         override the values the export recorded in the manifest.
         """
         manifest = Manifest.load(art_dir)
+        FlowMatchEulerConfig.from_dict(manifest.model.scheduler)  # fails before any session loads
         if backend == "auto":
             backend = _auto_backend(manifest)
         backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,
                                                    precision=precision, **backend_options)
-        config = manifest.model
+        config = manifest.model  # Manifest.load resolved text_encoder_dir against the artifact folder
         if pipeline_class is not None:
-            config = dataclasses.replace(config, pipeline_class=resolve_pipeline_class(art_dir, {}, pipeline_class))
+            config = dataclasses.replace(config, pipeline_class=resolve_pipeline_class(Path(art_dir), {}, pipeline_class))
         if text_encoder_dtype is not None:
             config = dataclasses.replace(config, text_encoder_dtype=text_encoder_dtype)
-        if config.text_encoder_dir and not Path(config.text_encoder_dir).is_absolute():
-            config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
         try:
             _ = config.latent_channels, config.text_hidden_size  # read at every call: fail here instead
@@ -155,7 +159,7 @@ class Pipeline:
         negative_prompt: str | None = None,
         true_cfg_scale: float = 4.0,
         num_inference_steps: int = 50,
-        budget: int = 1024 * 1024,
+        budget: Budget | int = 1024 * 1024,
         policy: str = "self",
         width: int | None = None,
         height: int | None = None,
@@ -172,8 +176,9 @@ class Pipeline:
         [1, S_target, 4z] with ``output_type="latent"``.
 
         Zero references is plain text-to-image generation and needs ``width`` and ``height``. ``image`` is a list
-        of references (paths, PIL images, HWC arrays) or a single one. Every argument is checked before any model
-        runs; a bad one raises ``InputError``.
+        of references (paths, PIL images, HWC arrays) or a single one. ``budget`` is a :class:`Budget` or an int
+        (a pixel count; 1024, 1536 and 2048 are read as sides). Every argument is checked before any model runs; a
+        bad one raises ``InputError``.
         """
         t_start = time.perf_counter()
         times = StageTimes()
@@ -188,7 +193,7 @@ class Pipeline:
 
         # 2. pack the references into the budget
         t0 = time.perf_counter()
-        layout = pack_references([im.size for im in images], budget_pixels(budget), policy, width, height)
+        layout = pack_references([im.size for im in images], as_budget(budget), policy, width, height)
         self.last_layout = layout
         times.pack_rope += time.perf_counter() - t0
         z = self.config.latent_channels
@@ -219,7 +224,8 @@ class Pipeline:
 
         # 6. RoPE tables and the static DiT feeds
         t0 = time.perf_counter()
-        static = [self._static_feeds(layout, e, m) for e, m in ([cond] + ([uncond] if do_cfg else []))]
+        prompts = [cond] if uncond is None else [cond, uncond]
+        static = [self.static_feeds(layout, e, m) for e, m in prompts]
         times.pack_rope += time.perf_counter() - t0
 
         # 7. timesteps (dynamic shift from the TARGET token count)
@@ -227,20 +233,9 @@ class Pipeline:
         scheduler.set_timesteps(num_inference_steps, image_seq_len=n_target)
 
         # 8. denoise
-        dit = self.backends[DIT]
-        for i, t in enumerate(scheduler.timesteps):
-            t_step = time.perf_counter()
-            model_in = np.concatenate([latents, *ref_tokens], axis=1) if ref_tokens else latents
-            timestep = np.full((1,), t / 1000.0, dtype=np.float32)
-            preds = [dit.infer({**s, "hidden_states": model_in, "timestep": timestep})["velocity"][:, :n_target]
-                     for s in static]
-            times.dit.append(time.perf_counter() - t_step)
-            t0 = time.perf_counter()
-            velocity = cfg_combine(preds[0], preds[1], true_cfg_scale) if do_cfg else preds[0]
-            latents = scheduler.step(velocity, i, latents)
-            times.scheduler += time.perf_counter() - t0
-            if callback is not None:
-                callback(i, len(scheduler.timesteps), time.perf_counter() - t_step)
+        result = denoise(self.backends[DIT], static, latents, ref_tokens, scheduler, true_cfg_scale,
+                         callback=callback)
+        latents, times.dit, times.scheduler = result.latents, result.dit_seconds, result.scheduler_seconds
 
         if output_type == "latent":
             times.total = time.perf_counter() - t_start
@@ -298,14 +293,27 @@ class Pipeline:
                 raise InputError(f"{name}_mask was given without {name}.")
             if embeds is not None:
                 self._check_embeds(name, embeds, mask)
-        if budget_pixels(budget) > max(BUDGETS.values()):
-            raise InputError(f"Budget {budget} is beyond the largest trained budget ({max(BUDGETS)}^2 px).",
-                             f"use one of {', '.join(map(str, BUDGETS))}.")
-        if self.budgets is not None and budget_pixels(budget) not in self.budgets:
-            have = ", ".join(f"{int(round(b ** 0.5))}" for b in self.budgets)
+        self.check_budget(as_budget(budget))
+
+    def check_budget(self, budget: Budget) -> None:
+        """Any budget up to the largest compiled one (the largest trained one without artifacts); exactly a
+        compiled bucket when a backend needs one."""
+        largest = trained_budgets()[-1]
+        if budget > largest:
+            raise InputError(f"Budget {budget} is beyond the largest trained budget ({largest}).",
+                             f"use a budget up to {largest.name}.")
+        if self.budgets is None:
+            return
+        have = ", ".join(b.name for b in self.budgets)
+        if self.exact_buckets and budget not in self.budgets:
             raise InputError(
-                f"Budget {budget} was not compiled into these artifacts (compiled: {have}).",
-                f"use one of {have}, or re-run the export with --budgets including it.",
+                f"Budget {budget.name} has no compiled TensorRT bucket in these artifacts (compiled: {have}).",
+                f"use one of {have}, build engines for it, or run with the ort backend.",
+            )
+        if budget > self.budgets[-1]:
+            raise InputError(
+                f"Budget {budget.name} exceeds the largest budget compiled into these artifacts ({have}).",
+                f"use a budget up to {self.budgets[-1].name}, or re-run the export with --budgets including it.",
             )
 
     def _check_embeds(self, name: str, embeds, mask) -> None:
@@ -367,12 +375,9 @@ class Pipeline:
             self._vae_cache.popitem(last=False)
         return tokens
 
-    def _static_feeds(self, layout: PackedLayout, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        tables = self.rope.tables(layout.grids, embeds.shape[1])
-        feeds = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, **tables}
-        if self.config.zero_cond_t:
-            feeds["modulate_index"] = modulation_index(layout.grids)
-        return feeds
+    def static_feeds(self, layout: PackedLayout, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The DiT feeds fixed over the loop for ``layout`` and one prompt (see ``graphs.dit_static_feeds``)."""
+        return dit_static_feeds(self.config, self.rope, layout, embeds, mask)
 
     def close(self) -> None:
         for b in self.backends.values():
@@ -408,14 +413,6 @@ def _finite_array(name: str, value, ndim: int | None = None) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise InputError(f"{name} holds NaN or infinite values.")
     return arr
-
-
-def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
-    """True CFG with diffusers' norm rescale: the guided velocity keeps the conditional one's per-token norm."""
-    comb = uncond + scale * (cond - uncond)
-    cond_norm = np.linalg.norm(cond, axis=-1, keepdims=True)
-    comb_norm = np.linalg.norm(comb, axis=-1, keepdims=True)
-    return (comb * (cond_norm / comb_norm)).astype(np.float32)
 
 
 def _text_encoder(config: ModelConfig, condition_area: int) -> QwenPromptEncoder | None:

@@ -163,7 +163,8 @@ def image_rope(grids: Sequence[tuple[int, int]], config: RopeConfig) -> tuple[np
     """
     grids = _normalize_grids(grids)
     inv_f, inv_h, inv_w = _axis_inv_freqs(config)
-    cos_parts, sin_parts = [], []
+    cos_parts: list[np.ndarray] = []
+    sin_parts: list[np.ndarray] = []
     for idx, (h, w) in enumerate(grids):
         _check_extent(h, config.scale_rope, "grid height")
         _check_extent(w, config.scale_rope, "grid width")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 #: ``scheduler/scheduler_config.json`` of Qwen-Image and Qwen-Image-Edit(-2509/-2511).
@@ -91,26 +93,26 @@ class FlowMatchEulerConfig:
     def __post_init__(self) -> None:
         for key in _UNSUPPORTED_FLAGS:
             if getattr(self, key):
-                raise ValueError(
+                raise ConfigError(
                     f"scheduler option {key}=True is not implemented by runtime/scheduler.py; "
                     f"only the deterministic Euler flow-matching schedule is ported. Set {key} to false."
                 )
         if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler option time_shift_type={self.time_shift_type!r} is not supported; "
                 "expected 'exponential' or 'linear'."
             )
         if self.num_train_timesteps <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler option num_train_timesteps must be positive, got {self.num_train_timesteps}."
             )
         if self.base_image_seq_len == self.max_image_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 "scheduler options base_image_seq_len and max_image_seq_len must differ, both are "
                 f"{self.base_image_seq_len}."
             )
         if self.shift_terminal is not None and not 0.0 <= self.shift_terminal < 1.0:
-            raise ValueError(f"scheduler option shift_terminal must be in [0, 1), got {self.shift_terminal}.")
+            raise ConfigError(f"scheduler option shift_terminal must be in [0, 1), got {self.shift_terminal}.")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> FlowMatchEulerConfig:
@@ -120,12 +122,12 @@ class FlowMatchEulerConfig:
         warning). Missing keys take the Qwen-Image defaults.
 
         Raises:
-            ValueError: ``_class_name`` names another scheduler, or an unsupported option is enabled; the message
-                names the key.
+            ConfigError: ``_class_name`` names another scheduler, or an unsupported option is enabled; the message
+                names the key (an ``InputError`` and a ``ValueError``).
         """
         class_name = d.get("_class_name")
         if class_name is not None and class_name != _DIFFUSERS_CLASS:
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler config _class_name={class_name!r} is not supported; expected {_DIFFUSERS_CLASS!r}."
             )
         known = {f.name for f in fields(cls)}
@@ -177,7 +179,7 @@ class FlowMatchEulerScheduler:
         m = np.float32(mu)
         return m / (m + odds)
 
-    def _stretch_to_terminal(self, t: np.ndarray) -> np.ndarray:
+    def _stretch_to_terminal(self, t: np.ndarray, shift_terminal: float) -> np.ndarray:
         one_minus = np.float32(1.0) - t
         if one_minus[-1] == 0:
             logger.warning(
@@ -185,7 +187,7 @@ class FlowMatchEulerScheduler:
                 "divide by zero (diffusers returns NaN here)."
             )
             return t
-        scale = one_minus[-1] / np.float32(1.0 - self.config.shift_terminal)
+        scale = one_minus[-1] / np.float32(1.0 - shift_terminal)
         return np.float32(1.0) - one_minus / scale
 
     def set_timesteps(
@@ -225,7 +227,7 @@ class FlowMatchEulerScheduler:
             shift = np.float32(cfg.shift)
             s = shift * s / (np.float32(1.0) + np.float32(cfg.shift - 1.0) * s)
         if cfg.shift_terminal:
-            s = self._stretch_to_terminal(s)
+            s = self._stretch_to_terminal(s, cfg.shift_terminal)
 
         s = s.astype(np.float32, copy=False)
         self.timesteps = s * np.float32(cfg.num_train_timesteps)

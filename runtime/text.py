@@ -13,6 +13,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -90,7 +91,8 @@ class QwenPromptEncoder:
                 "pass prompt_embeds, or point the manifest/model folder at a checkpoint with text_encoder/.",
             )
         self.condition_area, self.dtype, self.pipeline = condition_area, resolve_text_dtype(dtype), pipeline
-        self._model = self._processor = None
+        self._model: Any = None  # Qwen2.5-VL and its processor, loaded on first use
+        self._processor: Any = None
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
 

@@ -71,11 +71,12 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     pytest.importorskip("onnxruntime")
     pytest.importorskip("diffusers")
+    from uniref_deploy.runtime.budget import Budget
     from uniref_deploy.tools.compile_job import compile_model
 
     art = tmp_path_factory.mktemp("artifacts") / "tiny"
     start = time.perf_counter()
-    compile_model("tiny", art, [1024 * 1024], ["fp16"], say=lambda msg: logger.info(msg))
+    compile_model("tiny", art, [Budget.from_side(1024)], ["fp16"], say=lambda msg: logger.info(msg))
     logger.info("tiny artifacts compiled in %.1f s", time.perf_counter() - start)
     return art
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from uniref_deploy.runtime import latents as lat
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.compare import CompareResult, compare, psnr
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER
 from uniref_deploy.runtime.images import to_model_input
-from uniref_deploy.runtime.packing import budget_pixels, pack_references
+from uniref_deploy.runtime.packing import as_budget, pack_references
 from uniref_deploy.tools.profiling import check_backends, load_pipeline, procedural_images
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def parse_tolerances(items: Sequence[str], precision: str) -> dict[str, float]:
     return tol
 
 
-def run_compare(art: str | Path, backends: Sequence[str], budget: int, refs: Sequence[int], steps: int,
+def run_compare(art: str | Path, backends: Sequence[str], budget: Budget | int, refs: Sequence[int], steps: int,
                 tolerances: dict[str, float], precision: str = "fp32", policy: str = "self",
                 width: int | None = None, height: int | None = None, seed: int = 0,
                 say: Say = logger.info) -> CompareReport:
@@ -100,9 +101,12 @@ def run_compare(art: str | Path, backends: Sequence[str], budget: int, refs: Seq
     if len(backends) < 2:
         raise InputError(f"--backends needs at least two backends, got {list(backends)}.", "e.g. --backends ort,torch")
     check_backends(backends)
+    budget = as_budget(budget)
     art = Path(art)
     pipes = {b: load_pipeline(art, b, precision, load_text_encoder=False) for b in backends}
     ref_name, ref = backends[0], pipes[backends[0]]
+    for pipe in pipes.values():
+        pipe.check_budget(budget)
     report = CompareReport(ref_name)
     rng = np.random.default_rng(seed)
     embeds = rng.standard_normal((1, TEXT_TOKENS, ref.config.text_hidden_size)).astype(np.float32)
@@ -118,7 +122,7 @@ def run_compare(art: str | Path, backends: Sequence[str], budget: int, refs: Seq
 
     for n in refs:
         images = procedural_images(n, seed + n)
-        layout = pack_references([im.size for im in images], budget_pixels(budget), policy, width, height)
+        layout = pack_references([im.size for im in images], budget, policy, width, height)
         tag = f"{n}ref:{layout.num_image_tokens}tok"
         say(f"layout {tag}")
         tokens = []
@@ -128,7 +132,7 @@ def run_compare(art: str | Path, backends: Sequence[str], budget: int, refs: Seq
             tokens.append(lat.pack(lat.normalize(latent, ref.latents_mean, ref.latents_std)))
         noise = lat.initial_noise(seed, z, layout.target.latent_h, layout.target.latent_w)
         hidden = np.concatenate([noise, *tokens], axis=1).astype(np.float32)
-        static = ref._static_feeds(layout, embeds, mask)
+        static = ref.static_feeds(layout, embeds, mask)
         for t in (0.9, 0.3):
             check(f"{tag}@t{t}", DIT, {**static, "hidden_states": hidden,
                                         "timestep": np.full((1,), t, np.float32)}, "velocity")
@@ -142,7 +146,7 @@ def run_compare(art: str | Path, backends: Sequence[str], budget: int, refs: Seq
     outs = {}
     for b, p in pipes.items():
         outs[b] = p(prompt_embeds=embeds, prompt_embeds_mask=mask, image=images, num_inference_steps=steps,
-                    budget=budget_pixels(budget), policy=policy, width=width, height=height, seed=seed,
+                    budget=budget, policy=policy, width=width, height=height, seed=seed,
                     output_type="np")
     tag = f"{n}ref:{pipes[ref_name].last_layout.num_image_tokens}tok"
     for b in backends[1:]:

@@ -5,8 +5,6 @@ Each stage reports a ``StageSummary`` row; the closing table says what ran, what
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from uniref_deploy.runtime.artifacts import ENGINE_PLAN, VALIDATION_REPORT
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import CheckFailed, InputError
 from uniref_deploy.runtime.locking import writes_artifacts
-from uniref_deploy.runtime.manifest import Manifest, StageRecord
+from uniref_deploy.runtime.manifest import MANIFEST_NAME, Manifest, StageRecord
+from uniref_deploy.runtime.precision import EXPORT_PRECISIONS
 from uniref_deploy.tools.model_source import PRESET_NAMES
 
 Say = Callable[[str], None]
@@ -49,14 +50,21 @@ def format_summary(rows: list[StageSummary], art: Path) -> str:
 
 
 @writes_artifacts("compile", create=True)
-def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], precisions: Sequence[str],
+def compile_model(source: str, art_dir: str | Path, budgets: Sequence[Budget | int], precisions: Sequence[str],
                   say: Say, seed: int = 0, validate: bool = True, force: bool = False,
                   calibration_samples: int | None = None, loras: tuple = (),
                   scheduler_config: Path | None = None) -> tuple[Manifest, list[StageSummary]]:
-    """Run every stage into ``art_dir``; returns the manifest and the summary rows."""
+    """Run every stage into ``art_dir``; returns the manifest and the summary rows.
+
+    ``budgets`` are ``Budget``s (ints are read as in ``Budget.coerce``: pixels, or a trained side).
+
+    ``precisions`` are engine precisions: export writes fp32 plus those of them it makes (fp16 also for fp8,
+    whose non-quantised layers calibration stores in fp16); fp8 runs calibration.
+    """
     from uniref_deploy.export.exporter import ExportOptions, export_onnx
 
     art = Path(art_dir)
+    budgets = sorted(Budget.coerce(b) for b in budgets)
     rows: list[StageSummary] = []
 
     # 1. the model: a preset is built inside the artifact folder, so ART is self-contained
@@ -73,9 +81,10 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
                              f"pass a folder with model_index.json or one of {', '.join(PRESET_NAMES)}.")
 
     # 2. export (fp32 reference + the reduced precisions the engines need)
-    dtypes = ["fp32"] + [p for p in ("fp16", "bf16") if p in precisions or (p == "fp16" and "fp8" in precisions)]
+    wanted = {*precisions, *(("fp16",) if "fp8" in precisions else ())}
+    dtypes = ["fp32"] + [p for p in EXPORT_PRECISIONS[1:] if p in wanted]
     t0 = time.perf_counter()
-    before = Manifest.load(art).stage("export") if (art / "manifest.json").is_file() else None
+    before = Manifest.load(art).stage("export") if (art / MANIFEST_NAME).is_file() else None
     manifest = export_onnx(model_dir, art, ExportOptions(budgets=tuple(budgets), dtypes=tuple(dtypes),
                                                          validate=validate, force=force, loras=tuple(loras),
                                                          scheduler_config=scheduler_config), progress=say)
@@ -88,16 +97,13 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
 
     # 3. FP8 calibration
     if "fp8" in precisions:
-        t0 = time.perf_counter()
-        if importlib.util.find_spec("uniref_deploy.calibration.fp8") is None:
-            rows.append(StageSummary("calibrate", "skipped", note="FP8 calibration is not part of this build"))
-        else:
-            from uniref_deploy.calibration.fp8 import CalibrationOptions, calibrate_fp8
+        from uniref_deploy.calibration.fp8 import CalibrationOptions, calibrate_fp8
 
-            opts = CalibrationOptions() if calibration_samples is None else CalibrationOptions(samples=calibration_samples)
-            manifest = calibrate_fp8(art, opts, progress=say)
-            rows.append(StageSummary("calibrate", "done", time.perf_counter() - t0,
-                                     [g.file for g in manifest.graphs if g.precision == "fp8"]))
+        t0 = time.perf_counter()
+        opts = CalibrationOptions() if calibration_samples is None else CalibrationOptions(samples=calibration_samples)
+        manifest = calibrate_fp8(art, opts, progress=say)
+        rows.append(StageSummary("calibrate", "done", time.perf_counter() - t0,
+                                 [g.file for g in manifest.graphs if g.precision == "fp8"]))
 
     # 4. the runtime on ONNX Runtime against the torch reference, end to end
     t0 = time.perf_counter()
@@ -112,13 +118,12 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
     from uniref_deploy.engines.plan import PlanOptions, make_plan, save_plan
 
     t0 = time.perf_counter()
-    engine_precisions = [p for p in precisions if p in ("fp16", "bf16", "fp8", "fp32")]
-    plan = make_plan(manifest, [math.isqrt(b) if b > 4096 else b for b in budgets], engine_precisions, PlanOptions())
+    plan = make_plan(manifest, budgets, precisions, PlanOptions())
     reason = check_build_environment()
     if reason is not None:
         save_plan(plan, art)
-        rows.append(StageSummary("engines", "skipped", time.perf_counter() - t0, ["engines/plan.json"],
-                                 f"{reason}; plan for {len(plan.engines)} engine(s) in engines/plan.json "
+        rows.append(StageSummary("engines", "skipped", time.perf_counter() - t0, [ENGINE_PLAN],
+                                 f"{reason}; plan for {len(plan.engines)} engine(s) in {ENGINE_PLAN} "
                                  "(`uniref-deploy build ART --dry-run` prints the polygraphy commands)"))
     else:
         manifest = build_engines(art, plan)
@@ -126,21 +131,21 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
     return Manifest.load(art), rows
 
 
-def _runtime_check(art: Path, model_dir: Path, budget: int, rows: list[StageSummary], t0: float) -> Manifest:
+def _runtime_check(art: Path, model_dir: Path, budget: Budget, rows: list[StageSummary], t0: float) -> Manifest:
     """Stage 4: ``runtime_check`` recorded in the manifest and the summary; raises when it missed its tolerance."""
     check = runtime_check(art, model_dir, budget)
-    manifest = Manifest.load(art).with_stage(StageRecord("runtime_check", "-", {"budget": budget},
+    manifest = Manifest.load(art).with_stage(StageRecord("runtime_check", "-", {"budget": budget.pixels},
                                                          round(time.perf_counter() - t0, 2), results=check))
     manifest.save(art)
     rows.append(StageSummary("runtime", "done", time.perf_counter() - t0,
                              note=f"ORT vs torch edit: max abs {check['max_abs']:.2e} (tol {check['tolerance']:.4f})"))
     if not check["passed"]:
         raise CheckFailed(f"The ONNX Runtime edit differs from torch by {check['max_abs']:.3g} "
-                          f"(tolerance {check['tolerance']:.4f}).", "see reports/export_validation.json.")
+                          f"(tolerance {check['tolerance']:.4f}).", f"see {VALIDATION_REPORT}.")
     return manifest
 
 
-def runtime_check(art: Path, model_dir: Path, budget: int, steps: int = 2) -> dict:
+def runtime_check(art: Path, model_dir: Path, budget: Budget, steps: int = 2) -> dict:
     """One small edit through ``Pipeline.from_artifacts(ort)`` and ``from_pretrained(torch)``; max abs diff."""
     from PIL import Image
 

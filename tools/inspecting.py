@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from uniref_deploy.runtime.artifacts import CALIBRATION_REPORT, ENGINE_PLAN, VALIDATION_REPORT
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import UnirefError
 from uniref_deploy.runtime.manifest import MANIFEST_NAME, Manifest
-
-VALIDATION_REPORT = "reports/export_validation.json"
-CALIBRATION_REPORTS = ("calibration/report.json", "reports/calibration.json")
-PLAN = "engines/plan.json"
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -41,19 +39,19 @@ def inspect_artifacts(art: str | Path) -> dict:
                        "external_data": g.external_data,
                        "bytes": size, "present": (art / g.file).is_file(), "sha256": g.sha256,
                        "inputs": _axes(g.inputs), "outputs": _axes(g.outputs), "info": g.info})
-    buckets = [{"side": int(round(b ** 0.5)), "pixels": b, "max_image_tokens": 2 * b // 256} for b in m.budgets]
+    buckets = [{"name": b.name, "side": b.side, "pixels": b.pixels, "max_image_tokens": b.max_image_tokens}
+               for b in m.budgets]
     engines = [{"graph": e.graph, "precision": e.precision, "file": e.file, "budgets": list(e.budgets),
                 "present": (art / e.file).is_file(), "provenance": e.provenance} for e in m.engines]
-    calibration = next((c for c in (_read_json(art / p) for p in CALIBRATION_REPORTS) if c is not None), None)
+    calibrated = m.stage("calibrate")
     return {
         "artifacts": str(art), "schema_version": m.schema_version, "family": m.model.family,
         "text_encoder_dir": m.model.text_encoder_dir, "graphs": graphs, "buckets": buckets, "engines": engines,
         "validation": _read_json(art / VALIDATION_REPORT),
-        "calibration": calibration if calibration is not None else (m.stage("calibrate").results
-                                                                     if m.stage("calibrate") else None),
+        "calibration": _read_json(art / CALIBRATION_REPORT) or (calibrated.results if calibrated else None),
         "stages": [{"stage": s.stage, "seconds": s.seconds, "settings": s.settings, "results": s.results,
                     "tool_versions": s.tool_versions} for s in m.stages],
-        "engine_plan": _read_json(art / PLAN),
+        "engine_plan": _read_json(art / ENGINE_PLAN),
     }
 
 
@@ -90,8 +88,6 @@ def format_verify(rows: list[dict]) -> str:
 
 
 def _bucket(pixels: object) -> str:
-    from uniref_deploy.runtime.budget import Budget
-
     return f"b{Budget.from_pixels(pixels).name}" if isinstance(pixels, int) and pixels > 0 else "?"
 
 
@@ -116,38 +112,30 @@ def format_text(info: dict) -> str:
         lines.append(f"      out: {', '.join(_shape(s) for s in g['outputs'])}")
         if g["info"]:
             lines.append(f"      info: {_short(g['info'], 110)}")
-    lines += ["", "buckets:"] + [f"  {b['side']}^2 = {b['pixels']} px, <= {b['max_image_tokens']} image tokens"
+    lines += ["", "buckets:"] + [f"  {b['name']}: {b['pixels']} px, <= {b['max_image_tokens']} image tokens"
                                  for b in info["buckets"]]
     lines += ["", "engines:" + ("" if info["engines"] else " none built")]
     for e in info["engines"]:
         lines.append(f"  {e['graph']:<12} {e['precision']:<5} {e['file']} {'' if e['present'] else 'MISSING '}"
                      f"profiles {', '.join(_bucket(b) for b in e['budgets'])}")
         lines.append(f"      {_short({k: v for k, v in e['provenance'].items() if k != 'profiles'}, 100)}")
-    val = info["validation"]
-    lines += ["", "validation: " + ("none" if val is None else "")]
-    if isinstance(val, dict):
-        for k, v in val.items():
-            lines.append(f"  {k}: {_short(v, 100)}")
-    elif isinstance(val, list):
-        for v in val:
-            if isinstance(v, dict):
-                state = "ok" if v.get("passed") else "FAIL"
-                lines.append(f"  {v.get('graph', '?'):<12} {v.get('precision', ''):<5} {v.get('sample', ''):<34} "
-                             f"{v.get('metric', 'rel_max')}={v.get(v.get('metric', 'rel_max'), float('nan')):.2e} "
-                             f"cos={v.get('cosine', float('nan')):.6f} tol={v.get('tolerance', '')} {state}")
-            else:
-                lines.append(f"  {_short(v, 110)}")
+    rows = info["validation"] or []
+    lines += ["", "validation:" + ("" if rows else " none")]
+    for v in rows:
+        metric = v.get("metric", "rel_max")
+        lines.append(f"  {v['graph']:<12} {v['precision']:<5} {v['sample']:<34} {metric}={v[metric]:.2e} "
+                     f"cos={v['cosine']:.6f} tol={v['tolerance']} {'ok' if v['passed'] else 'FAIL'}")
     lines += ["", "calibration: " + ("none" if info["calibration"] is None else _short(info["calibration"], 100))]
     lines += ["", "stages:"] + [f"  {s['stage']:<10} {s['seconds']:7.1f} s  {_short(s['results'], 80)}"
                                 for s in info["stages"]]
     plan = info["engine_plan"]
     if plan is None:
-        lines += ["", "engine plan: none (engines/plan.json absent)"]
+        lines += ["", f"engine plan: none ({ENGINE_PLAN} absent)"]
     else:
-        items = plan.get("engines", []) if isinstance(plan, dict) else []
+        items = plan["engines"]
         lines += ["", f"engine plan: {len(items)} engine(s) planned"]
         for it in items[:20]:
-            lines.append(f"  {it.get('engine_file', '?')} from {it.get('onnx_file', '?')}")
+            lines.append(f"  {it['engine_file']} from {it['onnx_file']}")
             for i, prof in enumerate(it.get("profiles", [])):
                 axes = ", ".join(f"{a} {r['min']}/{r['opt']}/{r['max']}" for a, r in prof.get("axes", {}).items())
                 lines.append(f"      profile {i}: {_bucket(prof.get('budget'))}: {axes}")

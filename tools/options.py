@@ -4,22 +4,44 @@ from __future__ import annotations
 
 import click
 
+from uniref_deploy.runtime.budget import TRAINED_SIDES, Budget
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.manifest import TEXT_ENCODER_DTYPES
-from uniref_deploy.runtime.packing import BUDGETS, POLICIES
+from uniref_deploy.runtime.packing import POLICIES
 from uniref_deploy.runtime.pipeline_classes import PIPELINE_CLASSES
 
+BUDGET_HELP = "a side (1024), a pixel count (300000px, or any number above 8192) or a size (640x480)"
 
-def parse_budgets(text: str) -> tuple[int, ...]:
-    """'1024,1536' -> (1024, 1536) sides; only the trained budgets are accepted."""
-    try:
-        sides = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise InputError(f"--budgets '{text}' is not a comma-separated list of sides.", "e.g. --budgets 1024,1536") from err
-    bad = [s for s in sides if s not in BUDGETS]
-    if bad or not sides:
-        raise InputError(f"Unknown budget(s) {bad or text}.", f"choose from {', '.join(map(str, BUDGETS))}.")
-    return sides
+
+def parse_budgets(text: str, trained_only: bool = True) -> tuple[Budget, ...]:
+    """'1024,1536' -> the budgets, in order (each item as in ``Budget.parse``).
+
+    Args:
+        text (str): comma-separated budgets.
+        trained_only (bool, default True): accept only the trained budgets (what export and engines compile).
+
+    Raises:
+        InputError: an item does not parse, or is not a trained budget when ``trained_only``.
+    """
+    budgets = tuple(Budget.parse(x) for x in text.split(",") if x.strip())
+    bad = [b.name for b in budgets if trained_only and not b.is_trained]
+    if bad or not budgets:
+        raise InputError(f"Unknown budget(s) {bad or text!r}.", f"choose from {', '.join(map(str, TRAINED_SIDES))}.")
+    return budgets
+
+
+class BudgetParam(click.ParamType):
+    """A click option value read with ``Budget.parse`` (a bad value is a usage error, exit 2)."""
+
+    name = "budget"
+
+    def convert(self, value, param, ctx) -> Budget:
+        if isinstance(value, Budget):
+            return value
+        try:
+            return Budget.parse(value)
+        except InputError as err:
+            self.fail(err.message, param, ctx)
 
 
 def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
@@ -32,8 +54,9 @@ def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...
 
 def edit_options(f):
     """Options of one edit request (shared by `edit` and `profile`)."""
-    f = click.option("--budget", type=click.Choice([str(b) for b in BUDGETS]), default="1024", show_default=True,
-                     help="Global pixel budget (side of the square area).")(f)
+    f = click.option("--budget", type=BudgetParam(), default="1024", show_default=True,
+                     help=f"Global pixel budget: {BUDGET_HELP}; artifacts run any budget up to their largest "
+                          "compiled one (TensorRT engines: exactly a compiled one).")(f)
     f = click.option("--policy", type=click.Choice(POLICIES), default="self", show_default=True,
                      help="How references share the budget.")(f)
     f = click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True,

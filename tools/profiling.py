@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import InputError, MissingDependencyError
 from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.manifest import Manifest
@@ -41,7 +42,8 @@ class ProfileOptions:
 
     Args:
         backends: backends to run ("ort", "torch", "trt", "openvino", "openvino:bf16", ...); default ("ort",).
-        budgets: budget sides; None = every budget compiled into the artifacts.
+        budgets: budgets to run; None = every budget compiled into the artifacts. ONNX Runtime and torch run any
+            budget up to the largest compiled one, TensorRT only compiled ones.
         refs: reference counts to profile; default (1, 2).
         steps: denoising steps per edit; default 8.
         warmup: untimed runs per configuration; default 1.
@@ -53,7 +55,7 @@ class ProfileOptions:
     """
 
     backends: tuple[str, ...] = ("ort",)
-    budgets: tuple[int, ...] | None = None
+    budgets: tuple[Budget, ...] | None = None
     refs: tuple[int, ...] = (1, 2)
     steps: int = 8
     warmup: int = 1
@@ -63,6 +65,9 @@ class ProfileOptions:
     policy: str = "self"
     precision: str = "fp32"
     op_profile: bool = True
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "budgets": None if self.budgets is None else [b.name for b in self.budgets]}
 
 
 def procedural_images(count: int, seed: int) -> list[Image.Image]:
@@ -135,7 +140,7 @@ def warm_up_models(pipe) -> float:
 @dataclass
 class RunRecord:
     backend: str
-    budget: int
+    budget: str  # Budget.name
     refs: int
     image_tokens: int
     target_tokens: int
@@ -147,7 +152,7 @@ class RunRecord:
         return self.stages["total"] - sum(self.stages[s] for s in MODEL_STAGES)
 
 
-def one_edit(pipe, budget: int, refs: int, opts: ProfileOptions, seed: int, backend: str) -> RunRecord:
+def one_edit(pipe, budget: Budget, refs: int, opts: ProfileOptions, seed: int, backend: str) -> RunRecord:
     """Run one edit on fresh references and return its stage times."""
     images = procedural_images(refs, seed)
     embeds = None
@@ -155,11 +160,11 @@ def one_edit(pipe, budget: int, refs: int, opts: ProfileOptions, seed: int, back
         embeds = np.random.default_rng(0).standard_normal((1, 32, pipe.config.text_hidden_size)).astype(np.float32)
     prompt = f"{PROMPT} (variant {seed})"  # a new prompt every run: no text-embedding cache hits either
     pipe(None if embeds is not None else prompt, image=images, prompt_embeds=embeds, num_inference_steps=opts.steps,
-         budget=budget * budget, policy=opts.policy, width=opts.width, height=opts.height, seed=seed,
+         budget=budget, policy=opts.policy, width=opts.width, height=opts.height, seed=seed,
          output_type="np")
     t, layout = pipe.last_times, pipe.last_layout
     stages = {s: (sum(t.dit) if s == "dit" else float(getattr(t, s))) for s in STAGES}
-    return RunRecord(backend, budget, refs, layout.num_image_tokens, layout.num_target_tokens, stages, list(t.dit))
+    return RunRecord(backend, budget.name, refs, layout.num_image_tokens, layout.num_target_tokens, stages, list(t.dit))
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -202,7 +207,7 @@ def summarise_ort_trace(path: str | Path) -> dict:
     return dict(sorted(ops.items(), key=lambda kv: -kv[1]["ms"]))
 
 
-def op_profile(art: Path, budget: int, refs: int, opts: ProfileOptions, out: Path) -> dict:
+def op_profile(art: Path, budget: Budget, refs: int, opts: ProfileOptions, out: Path) -> dict:
     """One extra edit with ORT's profiler on (a separate pipeline, so timed runs carry no profiler cost)."""
     pipe = load_pipeline(art, "ort", opts.precision)
     trace_dir = out / "traces"
@@ -218,7 +223,7 @@ def op_profile(art: Path, budget: int, refs: int, opts: ProfileOptions, out: Pat
             result[name] = {"trace": str(Path(trace).relative_to(out)) if Path(trace).is_relative_to(out) else trace,
                             "ops": summarise_ort_trace(trace)}
     pipe.close()
-    return {"backend": "ort", "budget": budget, "refs": refs, "graphs": result}
+    return {"backend": "ort", "budget": budget.name, "refs": refs, "graphs": result}
 
 
 def run_profile(art: str | Path, opts: ProfileOptions, out: str | Path, say: Say = logger.info) -> dict:
@@ -229,23 +234,21 @@ def run_profile(art: str | Path, opts: ProfileOptions, out: str | Path, say: Say
 
     Raises:
         MissingDependencyError: trt requested without TensorRT.
-        InputError / PackingError / ManifestError: bad budgets, reference counts or artifacts.
+        InputError / PackingError / ManifestError: bad budgets (over the largest compiled one, or not compiled
+            for trt), reference counts or artifacts.
     """
     from uniref_deploy.tools import plots
 
     art, out = Path(art), Path(out)
     manifest = Manifest.load(art)
     check_backends(opts.backends)
-    compiled = sorted({int(round(b ** 0.5)) for b in manifest.budgets})
-    budgets = tuple(opts.budgets or compiled)
-    missing = [b for b in budgets if compiled and b not in compiled]
-    if missing:
-        raise InputError(f"Budget(s) {missing} were not compiled into '{art}' (compiled: {compiled}).",
-                         f"use --budgets {','.join(map(str, compiled))}.")
+    budgets = tuple(opts.budgets or manifest.budgets or (Budget.from_side(1024),))
     records: list[RunRecord] = []
     loads = {}
     for backend in opts.backends:
         pipe = load_pipeline(art, backend, opts.precision)
+        for budget in budgets:
+            pipe.check_budget(budget)  # fail before any timing run
         loads[backend] = warm_up_models(pipe)
         say(f"{backend}: models loaded in {loads[backend]:.1f} s")
         seed = 0
@@ -265,7 +268,7 @@ def run_profile(art: str | Path, opts: ProfileOptions, out: str | Path, say: Say
     if "trt" in opts.backends:
         ops.append({"backend": "trt", "note": "TensorRT layer profiling is not wired into the trt backend yet."})
     report = {
-        "artifacts": str(art), "options": asdict(opts), "model_load_s": loads,
+        "artifacts": str(art), "options": opts.to_dict(), "model_load_s": loads,
         "notes": ["Fresh procedural references every run: VAE-encode and text-encode times are uncached.",
                   "host overhead = total - (text_encode + vae_encode + dit + vae_decode)."],
         "summary": summarise(records), "runs": [asdict(r) for r in records], "op_profile": ops,

@@ -6,7 +6,8 @@ their fixed order.
 
 from __future__ import annotations
 
-from .base import GraphPass
+from uniref_deploy.export.graph_pass import GraphPass
+
 from .fp8_activations import QuantizeActivationsFP8
 from .fp8_weights import QuantizeWeightsFP8
 from .fp16_storage import StoreWeightsFP16

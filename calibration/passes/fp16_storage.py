@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .base import GraphPass, NameGen, initializer_map
-
-FP16_MAX = 65504.0
+from uniref_deploy.export.graph_pass import GraphPass, NameGen, initializer_map
+from uniref_deploy.runtime.precision import FP16_MAX
 
 
 class StoreWeightsFP16(GraphPass):

@@ -8,13 +8,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .base import GraphPass, NameGen, node_map
-
-E4M3_MAX = 448.0
+from uniref_deploy.export.graph_pass import GraphPass, NameGen, node_map
+from uniref_deploy.runtime.precision import E4M3_MAX
 
 
 class QuantizeActivationsFP8(GraphPass):
-    """Insert QuantizeLinear/DequantizeLinear (float8e4m3fn zero point, scale = absmax / 448) on node inputs.
+    """Insert QuantizeLinear/DequantizeLinear (float8e4m3fn zero point, scale = absmax / E4M3_MAX) on node inputs.
 
     Before::
 

@@ -9,13 +9,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .base import GraphPass, NameGen, initializer_map, node_map, weight_axis
-
-E4M3_MAX = 448.0
+from uniref_deploy.export.graph_pass import GraphPass, NameGen, initializer_map, node_map, weight_axis
+from uniref_deploy.runtime.precision import E4M3_MAX
 
 
 def fp8_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(float8 E4M3 weight, float32 scale): scale = absmax / 448, per tensor (``axis=None``) or per ``axis``."""
+    """(float8 E4M3 weight, float32 scale): scale = absmax / E4M3_MAX, per tensor (``axis=None``) or per ``axis``."""
     amax = np.abs(w).max() if axis is None else np.abs(w).max(axis=1 - axis)  # 2-D: reduce the other axis
     scale = np.maximum(np.asarray(amax, np.float32) / E4M3_MAX, np.finfo(np.float32).tiny).astype(np.float32)
     shape = scale if axis is None else np.expand_dims(scale, 1 - axis)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from .base import GraphPass
+from uniref_deploy.export.graph_pass import GraphPass
 
 MIN_IR_VERSION = 9  # float8 types need IR 9
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .base import GraphPass
+from uniref_deploy.export.graph_pass import GraphPass
+
 from .fp8_activations import QuantizeActivationsFP8
 from .fp8_weights import QuantizeWeightsFP8
 from .fp16_storage import StoreWeightsFP16

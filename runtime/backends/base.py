@@ -28,6 +28,7 @@ class Backend(ABC):
     """
 
     kind = "base"
+    fixed_buckets = False  # True: only the compiled budgets' shape ranges run (TensorRT engines)
 
     def __init__(self, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]):
         self.name = name

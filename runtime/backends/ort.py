@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class OrtBackend(Backend):
         self.graph, self.art_dir, self.path = graph, Path(art_dir), Path(art_dir) / graph.file
         self.providers, self.threads, self.verify, self.optimization = providers, threads, verify, optimization
         self.profile_prefix = profile_prefix
-        self.session = None
+        self.session: Any = None  # onnxruntime.InferenceSession while active
         self.verified = False
 
     def check_files(self) -> None:
@@ -145,7 +146,8 @@ class OrtBackendFactory:
                 p = "fp32"
             has_fused = fused and manifest.has_graph(name, p, ORT_VARIANT)
             variant = ORT_VARIANT if has_fused and manifest.graph(name, p, ORT_VARIANT).validated else ""
-            backends[name] = OrtBackend(manifest.graph(name, p, variant), art_dir, **options)
-            if backends[name].verify:
-                backends[name].check_files()  # every graph at load, not lazily after the denoise loop
+            backend = OrtBackend(manifest.graph(name, p, variant), art_dir, **options)
+            if backend.verify:
+                backend.check_files()  # every graph at load, not lazily after the denoise loop
+            backends[name] = backend
         return backends

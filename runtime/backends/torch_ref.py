@@ -8,6 +8,7 @@ are exactly those of the exported graph and the attention math stays diffusers'.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class TorchDitBackend(Backend):
     def __init__(self, config: ModelConfig, model_dir: str | Path, dtype: str = "float32", device: str = "cpu"):
         super().__init__(DIT, *graph_io(DIT, config))
         self.config, self.model_dir, self.dtype, self.device = config, Path(model_dir), dtype, device
-        self.model = None
+        self.model: Any = None  # the diffusers transformer while active
 
     def _activate(self) -> None:
         torch = _torch()
@@ -93,7 +94,7 @@ class _TorchVae:
 
     def __init__(self, model_dir: Path, dtype: str, device: str):
         self.model_dir, self.dtype, self.device = model_dir, dtype, device
-        self.model = None
+        self.model: Any = None  # the diffusers VAE while any user is active
         self.users = 0
 
     def acquire(self):

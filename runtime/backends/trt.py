@@ -54,6 +54,7 @@ class TrtBackend(Backend):
     """
 
     kind = "trt"
+    fixed_buckets = True
 
     def __init__(self, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  engine: EngineSpec | None, art_dir: str | os.PathLike, cuda_graphs: bool = False,

@@ -18,6 +18,8 @@ from uniref_deploy.runtime.manifest import Manifest  # noqa: E402
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig  # noqa: E402
 from uniref_deploy.tools.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the tiny_artifacts session fixture compiles a model (minutes on 2 cores)
+
 CLI_ARGS = ["--samples", "2", "--steps", "4", "--max-side", "256"]
 OPTIONS = CalibrationOptions(samples=2, eval_steps=4, max_pixels=256 * 256)
 

@@ -28,15 +28,15 @@ from uniref_deploy.engines.ranges import (
 from uniref_deploy.engines.records import PLAN_FILE, BuildPlan, PlanOptions
 from uniref_deploy.engines.render import format_table, polygraphy_command, polygraphy_commands
 from uniref_deploy.runtime._lazy import is_available
-from uniref_deploy.runtime.budget import Budget
+from uniref_deploy.runtime.budget import TRAINED_SIDES, Budget
 from uniref_deploy.runtime.errors import InputError, ManifestError, PackingError
 from uniref_deploy.runtime.graphs import graph_io
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, ModelConfig, TensorSpec
-from uniref_deploy.runtime.packing import BUDGETS, max_references, pack_references, target_size
+from uniref_deploy.runtime.packing import max_references, pack_references, target_size
 from uniref_deploy.runtime.text import MAX_TEXT_TOKENS
 from uniref_deploy.tools.cli import main
 
-SIDES = tuple(BUDGETS)
+SIDES = TRAINED_SIDES
 B = {side: Budget.from_side(side) for side in SIDES}
 # longest reference side / target side per bucket at aspects up to 8:1 (see the module docstring of plan.py)
 LONGEST = {1024: (2912, 2912), 1536: (4320, 4336), 2048: (5792, 5808)}

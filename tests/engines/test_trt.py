@@ -105,7 +105,7 @@ def test_backend_without_engines_is_refused(tmp_path):
 
 def test_v1_per_bucket_engine_records_are_dropped_on_load(tmp_path, caplog):
     m = _engines_manifest()
-    data = json.loads(m.to_json())
+    data = {**json.loads(m.to_json()), "schema_version": 1}  # as written before schema 2
     data["engines"].append({"graph": "dit", "budget": 1024, "precision": "fp32", "file": "engines/dit.b1024.fp32.plan",
                             "sha256": "0" * 64, "provenance": {}})
     loaded = Manifest.from_dict(data)

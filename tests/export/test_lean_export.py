@@ -52,6 +52,7 @@ def _external(path: Path) -> dict[str, tuple[int, int, onnx.TensorProto]]:
     return out
 
 
+@pytest.mark.slow  # exports a DiT (30-45 s on 2 busy cores)
 def test_lean_fp32_graph_matches_torch(tmp_path: Path) -> None:
     model_dir, config, transformer = _save(tmp_path / "model", torch.float32)
     assert len(list((model_dir / "transformer").glob("*.safetensors"))) > 1
@@ -72,6 +73,7 @@ def test_lean_fp32_graph_matches_torch(tmp_path: Path) -> None:
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.slow  # exports a DiT (30-45 s on 2 busy cores)
 def test_lean_bf16_streams_checkpoint_bytes_exactly(tmp_path: Path) -> None:
     model_dir, config, _ = _save(tmp_path / "model", torch.bfloat16, layers=1)
     out = tmp_path / "art" / "dit.onnx"

@@ -51,6 +51,7 @@ def _feeds(tokens: int, batch: int = 2) -> dict[str, np.ndarray]:
             "cos": np.cos(angle), "sin": np.sin(angle)}
 
 
+@pytest.mark.slow  # torch.onnx.export of a rotation module (~5 s each)
 def test_rope_fusion_matches_torch_at_two_lengths(tmp_path: Path) -> None:
     specs = _export(Rotate(), tmp_path / "rope.onnx")
     counts = fuse_for_ort(tmp_path / "rope.onnx", tmp_path / "rope.ort.onnx", specs, num_heads=HEADS)
@@ -65,6 +66,7 @@ def test_rope_fusion_matches_torch_at_two_lengths(tmp_path: Path) -> None:
         np.testing.assert_allclose(sess.run(None, feeds)[0], expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.onnx.export of a rotation module (~5 s each)
 def test_rope_fusion_leaves_other_arithmetic_alone(tmp_path: Path) -> None:
     _export(NotARotation(), tmp_path / "other.onnx")
     model = onnx.load(str(tmp_path / "other.onnx"))
@@ -77,6 +79,7 @@ def test_ort_file_names_the_variant() -> None:
     assert ort_file("onnx/dit.onnx") == "onnx/dit.ort.onnx"
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_tiny_dit_variant_fuses_every_rotation(tiny_artifacts: Path) -> None:
     fused = Manifest.load(tiny_artifacts).graph("dit", "fp32", "ort")
     layers = int(Manifest.load(tiny_artifacts).model.transformer["num_layers"])

@@ -38,6 +38,7 @@ def _wrapper_and_reference(model_dir: Path) -> tuple[QwenImageDitForExport, Torc
     return QwenImageDitForExport(transformer).eval(), TorchDitBackend(config, model_dir), config
 
 
+@pytest.mark.slow  # tiny preset through diffusers
 @pytest.mark.parametrize(("pad", "batch"), [(0, 1), (3, 2)])
 def test_wrapper_equals_diffusers_transformer(tiny_model_dir: Path, pad: int, batch: int) -> None:
     """The exported module (additive key bias, real RoPE) computes diffusers' transformer, padded text included."""

@@ -82,13 +82,16 @@ def _edit(model_dir: Path) -> np.ndarray:
     return out.images[0]
 
 
-def test_tiny_preset_runs_a_two_reference_edit(tiny_model_dir: Path, small_pipeline_sizes: None) -> None:
+@pytest.mark.slow  # builds the tiny preset
+@pytest.mark.usefixtures("small_pipeline_sizes")
+def test_tiny_preset_runs_a_two_reference_edit(tiny_model_dir: Path) -> None:
     image = _edit(tiny_model_dir)
     assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all()
     assert image.std() > 1e-3, "the edit output is constant: a zero-initialised layer?"
 
 
+@pytest.mark.slow  # builds the tiny preset
 def test_tiny_config_invariants(tiny_model_dir: Path) -> None:
     transformer = json.loads((tiny_model_dir / "transformer/config.json").read_text())
     vae = json.loads((tiny_model_dir / "vae/config.json").read_text())
@@ -112,6 +115,7 @@ def test_tiny_config_invariants(tiny_model_dir: Path) -> None:
     )
 
 
+@pytest.mark.slow  # builds the tiny preset
 def test_template_prefix_is_exactly_64_tokens(tiny_model_dir: Path) -> None:
     from diffusers import QwenImageEditPlusPipeline
     from transformers import AutoTokenizer, Qwen2VLProcessor
@@ -141,6 +145,7 @@ def test_template_prefix_is_exactly_64_tokens(tiny_model_dir: Path) -> None:
     assert text["text_config"]["vocab_size"] >= len(tokenizer)
 
 
+@pytest.mark.slow  # builds the tiny preset
 def test_same_seed_gives_identical_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     again = build_preset("tiny", tmp_path / "again", seed=0)
     other = build_preset("tiny", tmp_path / "other", seed=1)
@@ -150,6 +155,7 @@ def test_same_seed_gives_identical_weights(tiny_model_dir: Path, tmp_path: Path)
     assert _sha256(again / "tokenizer/tokenizer.json") == _sha256(tiny_model_dir / "tokenizer/tokenizer.json")
 
 
+@pytest.mark.slow  # builds the tiny preset
 def test_preset_json_records_parameter_counts(tiny_model_dir: Path) -> None:
     from diffusers import QwenImageEditPlusPipeline
 
@@ -163,6 +169,7 @@ def test_preset_json_records_parameter_counts(tiny_model_dir: Path) -> None:
         assert count == sum(p.numel() for p in model.parameters()), component
 
 
+@pytest.mark.slow  # builds the tiny preset
 def test_rebuild_is_skipped_and_foreign_folders_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     stamp = (tiny_model_dir / PRESET_FILE).stat().st_mtime_ns
     assert build_preset("tiny", tiny_model_dir, seed=0) == tiny_model_dir

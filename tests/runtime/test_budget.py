@@ -6,8 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from uniref_deploy.runtime.backends.base import Backend
 from uniref_deploy.runtime.budget import TRAINED_SIDES, Budget, trained_budgets
 from uniref_deploy.runtime.errors import InputError
+from uniref_deploy.runtime.manifest import ModelConfig
+from uniref_deploy.runtime.pipeline import Pipeline
+from uniref_deploy.runtime.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
 
 
 def test_trained_sides_are_square_and_named_by_side() -> None:
@@ -48,3 +52,44 @@ def test_side_round_trip(side: int) -> None:
     budget = Budget.from_side(side)
     assert budget.side == side and budget.is_square and Budget.parse(str(side)) == budget
     assert Budget.parse(budget.name) == budget
+
+
+class _Graph(Backend):
+    """A backend that never runs: only its ``fixed_buckets`` matters to the budget rule."""
+
+    def __init__(self, fixed: bool):
+        super().__init__("dit", (), ())
+        self.fixed_buckets = fixed
+
+    def _infer_impl(self, feeds):  # pragma: no cover - never called
+        raise AssertionError
+
+
+def _pipeline(fixed: bool, budgets) -> Pipeline:
+    config = ModelConfig("qwen-image", {"in_channels": 64, "joint_attention_dim": 32, "axes_dims_rope": [8, 4, 4]},
+                         {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16},
+                         dict(QWEN_IMAGE_SCHEDULER_CONFIG))
+    return Pipeline(config, {"dit": _Graph(fixed)}, budgets=budgets)
+
+
+def test_dynamic_graphs_run_any_budget_up_to_the_largest_compiled() -> None:
+    pipe = _pipeline(False, [Budget.from_side(1024)])
+    for ok in (Budget.from_side(1024), Budget.from_side(512), Budget.parse("640x480"), Budget(1)):
+        pipe.check_budget(ok)
+    with pytest.raises(InputError, match="largest budget compiled"):
+        pipe.check_budget(Budget.from_side(1024 + 16))
+
+
+def test_fixed_buckets_need_a_compiled_budget() -> None:
+    pipe = _pipeline(True, [Budget.from_side(1024), Budget.from_side(2048)])
+    pipe.check_budget(Budget.from_side(2048))
+    with pytest.raises(InputError, match="no compiled TensorRT bucket"):
+        pipe.check_budget(Budget.from_side(1536))
+
+
+def test_without_compiled_budgets_any_budget_up_to_the_largest_trained_goes() -> None:
+    pipe = _pipeline(False, None)
+    pipe.check_budget(Budget.from_side(2048))
+    pipe.check_budget(Budget.parse("640x480"))
+    with pytest.raises(InputError, match="largest trained budget"):
+        pipe.check_budget(Budget.from_side(4096))

@@ -17,9 +17,12 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
+from uniref_deploy.runtime.budget import Budget  # noqa: E402
 from uniref_deploy.runtime.errors import InputError  # noqa: E402
 from uniref_deploy.runtime.manifest import Manifest  # noqa: E402
 from uniref_deploy.runtime.pipeline import Pipeline  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the tiny_artifacts session fixture compiles a model (minutes on 2 cores)
 
 TOLERANCE = 2.0 / 255.0
 REFERENCES = [(120, 80), (60, 100), (200, 50)]
@@ -65,10 +68,26 @@ def test_ort_reproduces_torch(pipelines, budget: int, num_refs: int) -> None:
     assert float(a.std()) > 1e-3
 
 
-def test_uncompiled_budget_is_refused(tiny_artifacts: Path) -> None:
+def test_budget_over_the_largest_compiled_is_refused(tiny_artifacts: Path) -> None:
     pipe = Pipeline.from_artifacts(tiny_artifacts, backend="ort", load_text_encoder=False)
-    with pytest.raises(InputError, match="not compiled"):
+    with pytest.raises(InputError, match="largest budget compiled"):
         pipe(prompt_embeds=np.zeros((1, 4, 32), np.float32), width=64, height=64, budget=2048 * 2048)
+
+
+@pytest.mark.parametrize("budget", ["512", "640x480"])
+def test_smaller_budgets_run_on_ort_and_match_torch(tiny_artifacts: Path, budget: str) -> None:
+    """ONNX Runtime graphs are dynamic: a budget below the compiled 1024² (square or not) runs, as torch does."""
+    bounds = Budget.parse(budget)
+    ort_pipe = Pipeline.from_artifacts(tiny_artifacts, backend="ort")
+    torch_pipe = Pipeline.from_pretrained(tiny_artifacts / "source")
+    refs = [_image(s, i) for i, s in enumerate(REFERENCES[:2])]
+    kw = dict(image=refs, budget=bounds, seed=7, num_inference_steps=1, output_type="np")
+    a = ort_pipe("turn it into a watercolor", **kw)
+    b = torch_pipe("turn it into a watercolor", **kw)
+    layout = ort_pipe.last_layout
+    assert layout.budget == bounds and layout.reference_area <= bounds.pixels
+    assert layout.target.width * layout.target.height <= bounds.pixels
+    assert a.shape == b.shape and float(np.abs(a - b).max()) <= TOLERANCE
 
 
 def test_feeds_are_validated_against_the_graph(tiny_artifacts: Path) -> None:

@@ -22,19 +22,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uniref_deploy.runtime.budget import trained_budgets
 from uniref_deploy.runtime.errors import PackingError
 from uniref_deploy.runtime.packing import (
-    BUDGETS,
     POLICIES,
     ImageSlot,
     PackedLayout,
-    budget_pixels,
+    as_budget,
     calculate_dimensions,
     max_references,
     pack_references,
     target_size,
 )
 
+BUDGETS = {b.side: b.pixels for b in trained_budgets()}  # side -> pixels
 SIDES = st.integers(16, 8192)
 
 
@@ -79,7 +80,7 @@ def test_layout_invariants(request: tuple) -> None:
     layout = pack_references(sizes, budget, policy)
     pixels = BUDGETS[budget]
 
-    assert layout.budget == pixels and layout.policy == policy
+    assert layout.budget.pixels == pixels and layout.policy == policy
     assert layout.source_sizes == tuple(sizes)
     assert layout.reference_area <= pixels
     assert layout.target.width * layout.target.height <= pixels
@@ -205,9 +206,10 @@ def test_zero_references_need_an_explicit_size() -> None:
     assert layout.reference_area == 0
 
 
-def test_budget_pixels_and_max_references() -> None:
-    assert budget_pixels(1024) == 1024 * 1024 == budget_pixels(1024 * 1024)
-    assert budget_pixels(2048) == 2048 * 2048 and budget_pixels(64 * 64) == 4096 and budget_pixels(8193) == 8193
+def test_budget_coercion_and_max_references() -> None:
+    assert as_budget(1024).pixels == 1024 * 1024 == as_budget(1024 * 1024).pixels
+    assert as_budget(2048).pixels == 2048 * 2048 and as_budget(64 * 64).pixels == 4096
+    assert as_budget(8193).pixels == 8193
     assert [max_references(side) for side in sorted(BUDGETS)] == [16, 36, 64]
     assert len(pack_references([(300, 200)] * 64, 2048).references) == 64
     assert set(POLICIES) == {"self", "proportional", "per-image"}

@@ -31,6 +31,7 @@ def _small_image(seed: int = 0, size: tuple[int, int] = (40, 30)) -> Image.Image
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
+@pytest.mark.slow  # torch pipeline on the tiny preset
 def test_zero_references_is_plain_generation(pipe):
     out = pipe(PROMPT, image=[], width=48, height=32, num_inference_steps=2, seed=0)
     assert isinstance(out, Image.Image)
@@ -40,6 +41,7 @@ def test_zero_references_is_plain_generation(pipe):
     assert np.asarray(out).std() > 0
 
 
+@pytest.mark.slow  # torch pipeline on the tiny preset
 @pytest.mark.parametrize("size", [{}, {"width": 64}, {"height": 64}], ids=["none", "width-only", "height-only"])
 @pytest.mark.parametrize("images", [None, []], ids=["None", "empty"])
 def test_zero_references_need_width_and_height(pipe, images, size):
@@ -49,6 +51,7 @@ def test_zero_references_need_width_and_height(pipe, images, size):
     assert "\n" not in str(excinfo.value)
 
 
+@pytest.mark.slow  # torch pipeline on the tiny preset
 def test_more_references_than_the_budget_holds(pipe):
     """17 references at 1024^2 under the default policy: each would need 256x256 px, the budget holds 16."""
     assert max_references(1024) == 16
@@ -59,6 +62,7 @@ def test_more_references_than_the_budget_holds(pipe):
     assert "17 references" in message and "at most 16" in message and "\n" not in message
 
 
+@pytest.mark.slow  # torch pipeline on the tiny preset
 def test_prompt_over_the_text_limit(pipe):
     long_prompt = " ".join(["make it blue"] * 400)
     with pytest.raises(InputError) as excinfo:
@@ -67,6 +71,7 @@ def test_prompt_over_the_text_limit(pipe):
     assert f"over the limit of {MAX_TEXT_TOKENS}" in message and "\n" not in message
 
 
+@pytest.mark.slow  # torch pipeline on the tiny preset
 def test_prompt_embeds_over_the_text_limit(pipe):
     embeds = np.zeros((1, MAX_TEXT_TOKENS + 1, pipe.config.text_hidden_size), np.float32)
     with pytest.raises(InputError, match="over the limit"):

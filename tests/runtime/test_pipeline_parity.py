@@ -27,6 +27,8 @@ from PIL import Image  # noqa: E402
 from uniref_deploy.runtime import latents as lat  # noqa: E402
 from uniref_deploy.runtime.pipeline import Pipeline, cfg_combine  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs diffusers' modules on the tiny preset (torch)
+
 VAE_AREA = 64 * 64  # stands in for diffusers' VAE_IMAGE_SIZE; our per-image budget
 COND_AREA = 56 * 56  # stands in for diffusers' CONDITION_IMAGE_SIZE; our condition_image_area
 WIDTH, HEIGHT = 64, 48  # explicit output size for both pipelines

@@ -7,11 +7,11 @@ leave nothing behind at the ``-o`` path or in its folder.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,7 @@ BAD_IMAGE_CASES = {
 }
 
 
+@pytest.mark.slow  # tiny preset + torch
 @pytest.mark.parametrize("case", list(BAD_IMAGE_CASES))
 def test_bad_image_exits_2(tiny_model_dir, inputs, out_dir, capsys, case):
     names, expected = BAD_IMAGE_CASES[case]
@@ -119,6 +120,7 @@ def test_bad_image_exits_2(tiny_model_dir, inputs, out_dir, capsys, case):
     assert_nothing_written(out_dir)
 
 
+@pytest.mark.slow  # tiny preset + torch
 @pytest.mark.parametrize("size", [[], ["--width", "64"]], ids=["no-size", "width-only"])
 def test_zero_references_without_size_exits_2(tiny_model_dir, out_dir, capsys, size):
     rc = main(["edit", str(tiny_model_dir), "--prompt", PROMPT, *size, "--steps", "2", "-o", str(out_dir / "x.png")])
@@ -129,6 +131,7 @@ def test_zero_references_without_size_exits_2(tiny_model_dir, out_dir, capsys, s
     assert_nothing_written(out_dir)
 
 
+@pytest.mark.slow  # tiny preset + torch
 def test_more_references_than_the_budget_holds_exits_2(tiny_model_dir, inputs, out_dir, capsys):
     """17 references under the default policy at 1024^2 (each needs 256x256 px; the budget holds 16)."""
     args = ["--image", str(inputs["good"])] * 17
@@ -140,6 +143,7 @@ def test_more_references_than_the_budget_holds_exits_2(tiny_model_dir, inputs, o
     assert_nothing_written(out_dir)
 
 
+@pytest.mark.slow  # tiny preset + torch
 def test_prompt_over_the_text_limit_exits_2(tiny_model_dir, inputs, out_dir, capsys):
     out = out_dir / "x.png"
     rc = main(["edit", str(tiny_model_dir), "--image", str(inputs["good"]), "--prompt", LONG_PROMPT,
@@ -168,6 +172,7 @@ def test_unknown_model_exits_2(out_dir, capsys, tmp_path, monkeypatch):
     "case",
     ["truncated-image", "too-many-references", "long-prompt"],
 )
+@pytest.mark.slow  # tiny preset + torch
 def test_subprocess_error_is_one_stderr_line(tiny_model_dir, inputs, out_dir, case):
     """The installed entry point: exit 2, exactly one 'error:' line on stderr (no progress bar, no traceback)."""
     if case == "truncated-image":
@@ -191,6 +196,7 @@ def test_subprocess_error_is_one_stderr_line(tiny_model_dir, inputs, out_dir, ca
 # --- happy paths -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # tiny preset + torch
 def test_preset_then_edit_writes_the_packed_size(tmp_path, capsys):
     """`preset tiny --out T`, then a 2-reference edit under the default policy (self) and budget (1024).
 
@@ -206,10 +212,8 @@ def test_preset_then_edit_writes_the_packed_size(tmp_path, capsys):
     b = save_noise(tmp_path / "b.png", 60, 100, seed=3)
     out_dir = tmp_path / "result"
     out = out_dir / "out.png"
-    start = time.perf_counter()
     rc = main(["edit", str(model), "--image", str(a), "--image", str(b), "--prompt", PROMPT, "--steps", "2",
                "--budget", "1024", "--width", "256", "--height", "256", "-o", str(out)])
-    elapsed = time.perf_counter() - start
     captured = capsys.readouterr()
 
     assert rc == 0, captured.err
@@ -220,9 +224,9 @@ def test_preset_then_edit_writes_the_packed_size(tmp_path, capsys):
         assert np.asarray(img).std() > 0
     assert f"2 reference(s), {layout.num_image_tokens} image tokens" in captured.out
     assert [p.name for p in out_dir.iterdir()] == ["out.png"]  # no temp file left next to it
-    assert elapsed < 120, f"edit took {elapsed:.1f} s"
 
 
+@pytest.mark.slow  # tiny preset + torch
 def test_edit_accepts_a_preset_name(tmp_path, monkeypatch, capsys):
     """`edit tiny` builds the preset into $UNIREF_CACHE once, then reuses it (zero references: plain generation)."""
     cache = tmp_path / "cache"
@@ -264,3 +268,23 @@ def test_output_format_follows_the_extension(tiny_model_dir, inputs, out_dir):
     assert rc == 0
     with Image.open(out) as img:
         assert img.format == "JPEG" and img.size == (32, 32)
+def test_scheduler_config_it_cannot_run_exits_2_at_load(tmp_path, capsys):
+    """A model folder whose scheduler uses an unported option (time_shift_type "cosine") is refused before any
+    weight loads: one stderr line naming the option, exit 2, no traceback."""
+    from uniref_deploy.runtime.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
+
+    model = tmp_path / "m"
+    configs = {
+        "model_index.json": {"_class_name": "QwenImageEditPlusPipeline"},
+        "transformer/config.json": {"in_channels": 64, "joint_attention_dim": 32, "axes_dims_rope": [8, 4, 4]},
+        "vae/config.json": {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16},
+        "scheduler/scheduler_config.json": {**QWEN_IMAGE_SCHEDULER_CONFIG, "time_shift_type": "cosine"},
+    }
+    for name, data in configs.items():
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_text(json.dumps(data))
+    out = tmp_path / "out.png"
+    rc = main(["edit", str(model), "--prompt", PROMPT, "--width", "64", "--height", "64", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and "time_shift_type" in err[0]
+    assert not out.exists()

@@ -17,6 +17,7 @@ from uniref_deploy.tools.comparing import parse_tolerances, tolerance  # noqa: E
 FAST = ["--steps", "2", "--refs", "1", "--width", "128", "--height", "128"]
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_compare_ort_torch_passes_with_json(tiny_artifacts, capsys):
     assert main(["compare", str(tiny_artifacts), "--backends", "ort,torch", "--json", *FAST]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -29,6 +30,7 @@ def test_compare_ort_torch_passes_with_json(tiny_artifacts, capsys):
             assert r["cosine"] > 0.9999
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_compare_fails_with_exit_1_under_absurd_tolerance(tiny_artifacts, capsys):
     code = main(["compare", str(tiny_artifacts), "--backends", "ort,torch", "--tolerance", "1e-15", *FAST[:2],
                  "--refs", "0", *FAST[4:]])
@@ -47,6 +49,7 @@ def test_tolerances_per_tensor_with_default():
     assert tol["image.psnr_db"] == 40.0
 
 
+@pytest.mark.slow  # tiny_artifacts
 @pytest.mark.skipif(is_available("tensorrt"), reason="TensorRT is installed here")
 def test_compare_trt_unavailable_is_one_line_exit_2(tiny_artifacts, capsys):
     assert main(["compare", str(tiny_artifacts), "--backends", "ort,trt", *FAST]) == 2
@@ -54,6 +57,7 @@ def test_compare_trt_unavailable_is_one_line_exit_2(tiny_artifacts, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "TensorRT" in err[0]
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_compare_needs_two_backends(tiny_artifacts, capsys):
     assert main(["compare", str(tiny_artifacts), "--backends", "ort"]) == 2
     assert "at least two" in capsys.readouterr().err

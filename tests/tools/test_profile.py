@@ -23,6 +23,7 @@ def profile_dir(tiny_artifacts, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_profile_writes_reports_with_every_stage(profile_dir):
     report = json.loads((profile_dir / "profile.json").read_text())
     assert [(r["backend"], r["refs"]) for r in report["summary"]] == [("ort", 0), ("ort", 1)]
@@ -42,6 +43,7 @@ def test_profile_writes_reports_with_every_stage(profile_dir):
         assert (profile_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # tiny_artifacts
 def test_profile_per_op_breakdown_from_ort(profile_dir):
     ops = json.loads((profile_dir / "profile.json").read_text())["op_profile"][0]
     assert set(ops["graphs"]) == {"dit", "vae_encoder", "vae_decoder"}
@@ -56,6 +58,7 @@ def test_procedural_references_are_fresh_per_seed():
     assert a[0].tobytes() != b[0].tobytes() and a[0].size != a[1].size
 
 
+@pytest.mark.slow  # tiny_artifacts
 @pytest.mark.skipif(is_available("tensorrt"), reason="TensorRT is installed here")
 def test_profile_trt_unavailable_is_one_line_exit_2(tiny_artifacts, tmp_path, capsys):
     assert main(["profile", str(tiny_artifacts), "--backend", "trt", "--out", str(tmp_path), *FAST]) == 2

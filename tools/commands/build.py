@@ -50,13 +50,10 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
     from uniref_deploy.tools.options import parse_budgets, parse_list
 
     manifest = Manifest.load(art_dir)
-    if budgets is not None:
-        sides = tuple(Budget.from_side(s) for s in parse_budgets(budgets))
-    else:
-        sides = tuple(Budget.coerce(b) for b in manifest.budgets) or trained_budgets()[:1]
+    chosen = parse_budgets(budgets) if budgets is not None else manifest.budgets or trained_budgets()[:1]
     options = PlanOptions(builder_optimization_level=opt_level, refittable=refittable,
                           weight_streaming_budget=_parse_bytes(weight_streaming_budget))
-    plan = make_plan(manifest, sides, parse_list(precision_list, PRECISIONS, "--precision"), options)
+    plan = make_plan(manifest, chosen, parse_list(precision_list, PRECISIONS, "--precision"), options)
     if dry_run:
         save_plan(plan, art_dir)
         if as_json:

@@ -38,10 +38,11 @@ def command(art_dir: str, precision: str, images: str | None, samples: int, fp8_
                        f"latent PSNR {fig['latent_psnr_db']} dB, image PSNR {fig['image_psnr_db']} dB")
         return
     from uniref_deploy.calibration.fp8 import CalibrationOptions, calibrate_fp8
+    from uniref_deploy.runtime.budget import Budget
 
     options = CalibrationOptions(samples=samples, images=images, fp8_attention=fp8_attention,
                                  per_channel=per_channel, seed=seed, eval_steps=eval_steps,
-                                 max_pixels=max_side * max_side, force=force)
+                                 max_pixels=Budget.from_side(max_side).pixels, force=force)
     manifest = calibrate_fp8(art_dir, options, progress=lambda msg: click.echo(msg, err=True))
     info = manifest.graph("dit", "fp8").info
     for name, fig in info.get("figures", {}).items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from uniref_deploy.tools.options import BUDGET_HELP, BudgetParam
+
 # openvino:PRECISION gives that backend its own precision (auto: the measured choice per graph)
 BACKENDS = ("ort", "torch", "trt", "openvino", "openvino:auto", "openvino:fp32", "openvino:bf16", "openvino:int8")
 
@@ -13,8 +15,8 @@ BACKENDS = ("ort", "torch", "trt", "openvino", "openvino:auto", "openvino:fp32",
 @click.option("--backends", default="ort,torch", show_default=True,
               help="Comma-separated backends (ort, torch, trt, openvino[:auto|fp32|bf16|int8]); the first is the "
                    "reference the others are compared against.")
-@click.option("--budget", type=click.Choice(("1024", "1536", "2048")), default="1024", show_default=True,
-              help="Pixel budget (side).")
+@click.option("--budget", type=BudgetParam(), default="1024", show_default=True,
+              help=f"Pixel budget: {BUDGET_HELP}.")
 @click.option("--refs", default="1,2", show_default=True, help="Reference counts (one layout each).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True, help="End-to-end steps.")
 @click.option("--width", type=click.IntRange(16, 16384), default=None, help="Output width.")
@@ -38,7 +40,7 @@ def command(art, backends, budget, refs, steps, width, height, precision, tolera
         ref_counts = tuple(int(x) for x in refs.split(",") if x.strip())
     except ValueError as err:
         raise InputError(f"--refs '{refs}' is not a comma-separated list of integers.") from err
-    report = run_compare(art, parse_list(backends, BACKENDS, "--backends"), int(budget), ref_counts or (1,), steps,
+    report = run_compare(art, parse_list(backends, BACKENDS, "--backends"), budget, ref_counts or (1,), steps,
                          parse_tolerances(tolerances, precision), precision=precision, width=width, height=height,
                          say=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_table(report))

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import click
 
+from uniref_deploy.runtime.precision import ENGINE_PREFERENCE
 from uniref_deploy.tools.options import lora_options, parse_budgets, parse_list, parse_loras
-
-PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 
 
 @click.command("compile")
@@ -28,11 +25,10 @@ def command(model: str, art_dir: str, budgets: str, precision_list: str, seed: i
 
     from uniref_deploy.tools.compile_job import compile_model, format_summary
 
-    sides = parse_budgets(budgets)
-    precisions = parse_list(precision_list, PRECISIONS, "--precision")
-    manifest, rows = compile_model(model, art_dir, [s * s for s in sides], precisions,
+    precisions = parse_list(precision_list, ENGINE_PREFERENCE, "--precision")
+    manifest, rows = compile_model(model, art_dir, parse_budgets(budgets), precisions,
                                    say=lambda msg: click.echo(msg, err=True), seed=seed,
                                    validate=not no_validate, force=force, loras=parse_loras(loras),
                                    scheduler_config=Path(scheduler_config) if scheduler_config else None)
     click.echo(format_summary(rows, Path(art_dir)))
-    click.echo(f"artifacts: {art_dir} (budgets {', '.join(str(math.isqrt(b)) for b in manifest.budgets)})")
+    click.echo(f"artifacts: {art_dir} (budgets {', '.join(b.name for b in manifest.budgets)})")

@@ -52,7 +52,7 @@ def command(model, images, prompt, negative_prompt, budget, policy, steps, true_
 
     try:
         out = pipe(prompt, image=refs, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-                   num_inference_steps=steps, budget=int(budget), policy=policy, width=width, height=height,
+                   num_inference_steps=steps, budget=budget, policy=policy, width=width, height=height,
                    seed=seed, callback=progress)
     finally:
         if bar is not None:

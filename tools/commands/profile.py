@@ -12,7 +12,9 @@ BACKENDS = ("ort", "torch", "trt", "openvino", "openvino:auto", "openvino:fp32",
 @click.argument("art", type=click.Path(exists=True, file_okay=False))
 @click.option("--backend", "backends", default="ort", show_default=True,
               help="Comma-separated backends: ort, torch (the source model), trt, openvino[:auto|fp32|bf16|int8].")
-@click.option("--budgets", default=None, help="Budget sides, e.g. 1024,1536 (default: every compiled budget).")
+@click.option("--budgets", default=None,
+              help="Comma-separated budgets, each a side (1024), a pixel count (300000px) or a size (640x480); "
+                   "ort/torch run any budget up to the largest compiled one (default: every compiled budget).")
 @click.option("--refs", default="1,2", show_default=True, help="Reference counts to profile, e.g. 1,2,4.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=8, show_default=True, help="Denoising steps.")
 @click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True, help="Untimed runs each.")
@@ -30,6 +32,7 @@ def command(art, backends, budgets, refs, steps, warmup, runs, width, height, po
     time; writes profile.json, profile.md and PNG plots."""
     from pathlib import Path
 
+    from uniref_deploy.runtime.artifacts import PROFILE_DIR
     from uniref_deploy.runtime.errors import InputError
     from uniref_deploy.tools.options import parse_budgets, parse_list
     from uniref_deploy.tools.profiling import ProfileOptions, run_profile
@@ -41,10 +44,10 @@ def command(art, backends, budgets, refs, steps, warmup, runs, width, height, po
     if not ref_counts or min(ref_counts) < 0:
         raise InputError(f"--refs '{refs}' must list reference counts >= 0.")
     opts = ProfileOptions(backends=parse_list(backends, BACKENDS, "--backend"),
-                          budgets=parse_budgets(budgets) if budgets else None, refs=ref_counts, steps=steps,
+                          budgets=parse_budgets(budgets, trained_only=False) if budgets else None, refs=ref_counts, steps=steps,
                           warmup=warmup, runs=runs, width=width, height=height, policy=policy, precision=precision,
                           op_profile=op_profile)
-    out = Path(out) if out else Path(art) / "reports" / "profile"
+    out = Path(out) if out else Path(art) / PROFILE_DIR
     report = run_profile(art, opts, out, say=lambda m: click.echo(m, err=True))
     click.echo((out / "profile.md").read_text().split("## Per-op")[0].rstrip())
     click.echo(f"\nwrote {out / 'profile.json'}, {out / 'profile.md'}, " + ", ".join(report["plots"]))

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/bench_peer.py --model small --art /tmp/small_art --steps 4 --runs 2 --out /tmp/bench_peer
+    python benchmarks/bench_peer.py --model small --art /tmp/small_art --steps 4 --runs 2 --out /tmp/bench_peer
 
 Both pipelines get the same references (fresh procedural images per run, so neither our VAE/text caches nor
 anything else is hit), prompt, initial latents, steps and an explicit width/height. Ours runs the ``per-image``
@@ -78,7 +78,6 @@ def run_ours(art: Path, images_for, steps: int, runs: int, budget: int, cond_are
     from uniref_deploy.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_artifacts(art, backend="ort", condition_image_area=cond_area, optimization=optimization)
-    pipe.budgets = None  # per-image at a test budget: ORT's dynamic axes take any size (no engine bucket)
     for b in pipe.backends.values():
         b.activate()
     times, records = [], []

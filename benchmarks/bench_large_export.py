@@ -1,7 +1,7 @@
 """Benchmark the memory-lean DiT export (export/lean.py) on a full-size Qwen-Image transformer (~20B parameters).
 
-    python -m uniref_deploy.tools.bench_large_export --out reports/lean_bench            # 60 layers, ~40 GB
-    python -m uniref_deploy.tools.bench_large_export --layers 4 --out /tmp/lean_small    # quick check
+    python benchmarks/bench_large_export.py --out reports/lean_bench            # 60 layers, ~40 GB
+    python benchmarks/bench_large_export.py --layers 4 --out /tmp/lean_small    # quick check
 
 1. writes a diffusers-style bf16 checkpoint of random weights shard by shard (never the whole model in memory):
    ``transformer/diffusion_pytorch_model-0000X-of-0000N.safetensors`` + index json + config.json;

@@ -1,4 +1,5 @@
-"""``GraphPass``: the base of every calibration graph edit, plus the graph queries the passes share."""
+"""``GraphPass``: the base of every ONNX graph edit (the ORT fusions of ``export/ort_fusions.py`` and the FP8 passes
+of ``calibration/passes``), plus the graph queries the passes share."""
 
 from __future__ import annotations
 
