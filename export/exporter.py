@@ -50,6 +50,8 @@ from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 
 from .graph_export import DEFAULT_OPSET, export_graph
 from .lean_rule import choose_lean, exceeds_ram_fraction
+from .lora import LoraSpec, fuse_loras, save_lora_base, validate_loras
+from .lora_swap import write_lora_index
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
@@ -62,6 +64,7 @@ from .samples import (
     vae_smoke_samples,
     validation_layouts,
 )
+from .scheduler_config import read_scheduler_config
 from .trt_lint import lint_model
 from .validate import FP32_TOLERANCE, ValidationRow, format_table, validate_graph
 
@@ -91,6 +94,9 @@ class ExportOptions:
         the checkpoint and the graph's data; everything that reads the checkpoint runs before the streaming.
     pipeline_class: serve the model as this diffusers class (None: ``model_index.json``'s); recorded.
     text_encoder_dtype: the runtime's text-encoder dtype ("auto", "bfloat16", "float32"); recorded.
+    loras: LoRAs fused into the DiT before export (export/lora.py); recorded (file, sha256, scale) in the stage
+        settings, so the skip-on-rerun hash covers them.
+    scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
     """
 
     budgets: tuple[Budget, ...] = (Budget.from_side(1024),)
@@ -106,6 +112,8 @@ class ExportOptions:
     consume_shards: bool = False
     pipeline_class: str | None = None
     text_encoder_dtype: str = "auto"
+    loras: tuple[LoraSpec, ...] = ()
+    scheduler_config: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
@@ -168,6 +176,7 @@ class _Run:
     rows: list[ValidationRow] = field(default_factory=list)
     lint: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    lora_base: dict = field(default_factory=dict)  # un-fused weights of the layers a LoRA touched
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -234,9 +243,16 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
     lean = choose_lean(model_dir, options.lean, say)
+    if lean and options.loras:
+        raise InputError("LoRA fusion is not supported by the lean (streamed) export yet.",
+                         "pass --no-lean, or fuse the LoRA into the checkpoint first.")
+    validate_loras(config.transformer, options.loras)
+    if options.scheduler_config is not None:
+        config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
     dtypes = export_dtypes(options.dtypes, lean)
     settings = {**asdict(options), "budgets": [b.pixels for b in options.budgets], "dtypes": list(dtypes),
-                "lean": lean}
+                "lean": lean, "loras": [spec.record() for spec in options.loras],
+                "scheduler_config": config.scheduler if options.scheduler_config else None}
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
     return _Run(model_dir, art, options, say, config, lean, dtypes, settings, versions, inputs_hash,
@@ -268,6 +284,7 @@ def _load_references(run: _Run) -> None:
     else:
         transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(run.model_dir / "transformer",
                                                                             torch_dtype=torch.float32).eval()
+        run.lora_base = fuse_loras(transformer, run.options.loras, run.say)
         dit = QwenImageDitForExport(transformer).eval()
     vae = diffusers.AutoencoderKLQwenImage.from_pretrained(run.model_dir / "vae", torch_dtype=torch.float32).eval()
     run.references = {DIT: dit, VAE_ENCODER: VaeEncoderForExport(vae).eval(), VAE_DECODER: VaeDecoderForExport(vae).eval()}
@@ -481,7 +498,14 @@ def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
                      "graphs": len(run.lint), "lean": run.lean,
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
+    save_lora_base(run.art, run.lora_base)
+    if not run.lean:
+        write_lora_index(run.art, run.references[DIT], sorted(  # fp32 first: swaps read base weights from it
+            (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"
+             and (run.art / g.file).is_file()), key=lambda f: f != graph_file(DIT, "fp32")))
     run.manifest = staging.commit(run.manifest)
+    if not run.lora_base:
+        save_lora_base(live, {})  # no LoRA fused now: a base file of an earlier export is stale
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
                           f"see {live / VALIDATION_REPORT}; run with -vv for the export trace.")

@@ -19,7 +19,7 @@ PATH_ERRORS = (PermissionError, FileNotFoundError, FileExistsError, NotADirector
 
 # verb -> module under uniref_deploy.tools.commands; each exposes a click command named `command`
 COMMANDS = ("preset", "edit", "export", "build", "compile", "calibrate", "profile", "compare", "inspect", "serve",
-            "triton-repo", "load-test")
+            "triton-repo", "load-test", "lora")
 
 
 def _module(verb: str) -> str:

@@ -77,3 +77,20 @@ def model_options(f):
                      help="Text encoder dtype; auto = bfloat16 where the GPU/CPU supports it, else float32 "
                           "[default: auto, or the manifest's].")(f)
     return f
+
+
+def lora_options(f):
+    """``--lora FILE[:SCALE]`` (repeatable) and ``--scheduler-config FILE`` (shared by `export` and `compile`)."""
+    f = click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                     help="LoRA (.safetensors; diffusers/PEFT or kohya keys) fused into the DiT before export; "
+                          "repeatable; SCALE defaults to 1.0.")(f)
+    f = click.option("--scheduler-config", type=click.Path(dir_okay=False), default=None,
+                     help="scheduler_config.json replacing the model's in the manifest (e.g. Lightning's).")(f)
+    return f
+
+
+def parse_loras(texts: tuple[str, ...]) -> tuple:
+    """``--lora`` values -> LoraSpecs (missing file, non-numeric or non-finite scale: InputError)."""
+    from uniref_deploy.export.lora import LoraSpec
+
+    return tuple(LoraSpec.parse(t) for t in texts)

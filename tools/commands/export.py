@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from uniref_deploy.tools.options import model_options, parse_budgets, parse_list
+from uniref_deploy.tools.options import lora_options, model_options, parse_budgets, parse_list, parse_loras
 
 
 @click.command("export")
@@ -27,10 +27,14 @@ from uniref_deploy.tools.options import model_options, parse_budgets, parse_list
 @click.option("--consume-shards", is_flag=True,
               help="With --lean: DELETE each checkpoint shard once streamed (for disks that cannot hold both copies).")
 @model_options
+@lora_options
 def command(model: str, art_dir: str, budgets: str, dtypes: str | None, opset: int, no_validate: bool,
             validation_area: int | None, force: bool, ort_fusions: bool, lean: bool | None,
-            consume_shards: bool, pipeline_class: str | None, text_encoder_dtype: str | None) -> None:
+            consume_shards: bool, pipeline_class: str | None, text_encoder_dtype: str | None,
+            loras: tuple[str, ...], scheduler_config: str | None) -> None:
     """Export MODEL (diffusers folder or preset name) to ONNX under ART, validated against torch."""
+    from pathlib import Path
+
     from uniref_deploy.export.exporter import PRECISIONS, ExportOptions, export_onnx
     from uniref_deploy.export.lean_rule import choose_lean
     from uniref_deploy.tools.model_source import resolve_model
@@ -46,6 +50,7 @@ def command(model: str, art_dir: str, budgets: str, dtypes: str | None, opset: i
     options = ExportOptions(budgets=parse_budgets(budgets), dtypes=parse_list(dtypes or default, PRECISIONS, "--dtypes"),
                             opset=opset, validate=not no_validate, validation_area=validation_area, force=force,
                             ort_fusions=ort_fusions, lean=lean, consume_shards=consume_shards,
-                            pipeline_class=pipeline_class, text_encoder_dtype=text_encoder_dtype or "auto")
+                            pipeline_class=pipeline_class, text_encoder_dtype=text_encoder_dtype or "auto",
+                            loras=parse_loras(loras), scheduler_config=scheduler_config and Path(scheduler_config))
     manifest = export_onnx(path, art_dir, options, progress=say)
     click.echo(f"{len(manifest.graphs)} graph(s) in {art_dir}/manifest.json")
