@@ -115,6 +115,8 @@ class PlanOptions:
         max_aspect (int, default 8): the widest reference/target aspect (A:1) the VAE profiles cover.
         opt_text_tokens (int, default 256): text length the DiT profiles are tuned for.
         timing_cache (str, default "engines/timing.cache"): timing cache file shared by all builds.
+        vae_tile (int | None, default None): the runtime's VAE tile side in pixels (manifest); VAE profile sides
+            are capped at it. None: untiled, the sides follow the references and targets.
 
     Raises:
         InputError: a value out of range.
@@ -127,6 +129,7 @@ class PlanOptions:
     max_aspect: int = 8
     opt_text_tokens: int = 256
     timing_cache: str = TIMING_CACHE_FILE
+    vae_tile: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.builder_optimization_level <= MAX_OPT_LEVEL:

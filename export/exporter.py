@@ -33,6 +33,7 @@ from uniref_deploy.runtime.manifest import (
 )
 from uniref_deploy.runtime.packing import budget_pixels
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
+from uniref_deploy.runtime.tiling import DEFAULT_STRIDE, DEFAULT_TILE, TILING_KEY, VaeTiling
 
 from .graph_export import DEFAULT_OPSET, export_graph
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
@@ -60,6 +61,8 @@ class ExportOptions:
     force: export even if the inputs are unchanged.
     ort_fusions: also write ``onnx/dit.ort.onnx``, the fp32 DiT with ONNX Runtime contrib-op fusions (validated
         like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).
+    vae_tiling: (tile, stride) in pixels of the runtime's tiled VAE, recorded in the manifest's VAE config
+        (``runtime/tiling.py``); it bounds the VAE engine profiles. None: untiled.
     """
 
     budgets: tuple[int, ...] = (1024,)
@@ -70,6 +73,7 @@ class ExportOptions:
     fp16_safety: float = FP16_SAFETY
     force: bool = False
     ort_fusions: bool = True
+    vae_tiling: tuple[int, int] | None = (DEFAULT_TILE, DEFAULT_STRIDE)
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in PRECISIONS]
@@ -123,6 +127,9 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
     if config.text_encoder_dir and _is_inside(Path(config.text_encoder_dir), art):
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
+    if options.vae_tiling is not None:
+        tiling = VaeTiling(*options.vae_tiling)
+        config = dataclasses.replace(config, vae={**config.vae, TILING_KEY: tiling.to_dict()})
     dtypes = tuple(dict.fromkeys(("fp32", *options.dtypes)))
     settings = {**asdict(options), "dtypes": list(dtypes)}
     versions = tool_versions()
