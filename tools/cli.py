@@ -16,20 +16,25 @@ from uniref_deploy import __version__
 from uniref_deploy.runtime.errors import UnirefError
 
 # verb -> module under uniref_deploy.tools.commands; each exposes a click command named `command`
-COMMANDS = ("preset", "edit", "export", "build", "compile", "calibrate", "profile", "compare", "inspect")
+COMMANDS = ("preset", "edit", "export", "build", "compile", "calibrate", "profile", "compare", "inspect", "serve",
+            "triton-repo", "load-test")
+
+
+def _module(verb: str) -> str:
+    return f"uniref_deploy.tools.commands.{verb.replace('-', '_')}"
 
 
 class LazyGroup(click.Group):
     """Imports a verb's module only when that verb runs (keeps `--help` and `edit` free of export deps)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [c for c in COMMANDS if importlib.util.find_spec(f"uniref_deploy.tools.commands.{c}") is not None]
+        return [c for c in COMMANDS if importlib.util.find_spec(_module(c)) is not None]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
         try:
-            module = importlib.import_module(f"uniref_deploy.tools.commands.{name}")
+            module = importlib.import_module(_module(name))
         except ModuleNotFoundError:
             return None
         return module.command
