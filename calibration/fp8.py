@@ -1,10 +1,12 @@
-"""``calibrate_fp8``: the calibration stage. fp32 DiT graph + SELF-packed samples -> ``onnx/dit.fp8.onnx``.
+"""``calibrate_fp8``: the calibration stage. fp16 DiT graph (else fp32) + SELF-packed samples -> ``onnx/dit.fp8.onnx``.
 
-Road: ONNX-level Q/DQ. Activation absmax of every quantised linear layer is collected on the fp32 graph in ONNX
-Runtime; the graph passes under ``calibration/passes`` then store those layers' weights as float8 E4M3 behind
+Road: ONNX-level Q/DQ. Activation absmax of every quantised linear layer is collected in ONNX Runtime on the
+source graph (the fp16 DiT when exported, else fp32); the graph passes under ``calibration/passes`` then store
+those layers' weights as float8 E4M3 behind
 DequantizeLinear (per output channel or per tensor) and fake-quantise their inputs with QuantizeLinear/
 DequantizeLinear (scale = absmax / 448, float8e4m3fn zero point). The embedders and the output head stay
-high-precision (fp16 storage, fp32 math). TensorRT's strongly-typed builder turns the Q/DQ pairs into FP8 GEMMs.
+high-precision, and the fp16 graph's fp32 islands stay fp32; scales take the type of the tensor they scale, so a
+strongly-typed TensorRT build runs fp16 everywhere else and turns the Q/DQ pairs into FP8 GEMMs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
 from . import dataset as ds
 from .layers import attention_targets, find_layers, split_layers
 from .passes import PassOptions, fp8_passes
-from .ranges import collect_absmax, session
+from .ranges import collect_absmax, session, tensor_types
 from .report import bucket_accuracy, write_report
 
 logger = logging.getLogger(__name__)
@@ -92,12 +94,14 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     art = Path(art_dir)
     manifest = Manifest.load(art)
     fp32 = manifest.graph(DIT, "fp32")
-    manifest.verify_files(art, (fp32.key,))
+    # the Q/DQ graph derives from the fp16 DiT when exported (fp16 around the FP8 GEMMs, its fp32 islands kept)
+    source = manifest.graph(DIT, "fp16") if manifest.has_graph(DIT, "fp16") else fp32
+    manifest.verify_files(art, tuple(dict.fromkeys((fp32.key, source.key))))
     if options.samples < 1:
         raise CalibrationError(f"--samples must be at least 1, got {options.samples}.")
     spec = ds.DatasetSpec(samples=options.samples, images=options.images, seed=options.seed,
                           max_pixels=options.max_pixels)
-    inputs_sha = sha256_json({"dit": fp32.sha256, "options": options.settings(),
+    inputs_sha = sha256_json({"dit": fp32.sha256, "source": source.sha256, "options": options.settings(),
                               "dataset": ds.fingerprint(spec, manifest)})
     record = manifest.stage("calibrate")
     if (not options.force and record is not None and record.inputs_sha256 == inputs_sha
@@ -110,7 +114,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     _say(progress, f"calibrate: drawing {spec.samples} sample(s) over {len(manifest.budgets) or 1} bucket(s)")
     calset = ds.CalibrationSet(manifest, art, spec)
     samples = list(calset)
-    model = onnx.load(str(art / fp32.file))
+    model = onnx.load(str(art / source.file))
 
     # 2. layers and ranges
     quant, high = split_layers(find_layers(model), manifest.model.family)
@@ -122,6 +126,8 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     tensors = [ly.activation for ly in quant] + [by_name[n].input[i] for n, i in attn]
     _say(progress, f"calibrate: collecting ranges of {len(set(tensors))} tensor(s) on {len(samples)} sample(s)")
     ranges = collect_absmax(model, tensors, (s.feeds for s in samples))
+    types = tensor_types(model)
+    dtypes = {t: onnx.helper.tensor_dtype_to_np_dtype(types[t]) for t in tensors if t in types}
 
     # 3. passes (per-channel vs per-tensor measured when not chosen)
     reference = session(model)
@@ -135,7 +141,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
         candidate = onnx.ModelProto()
         candidate.CopyFrom(model)
         counts = {p.name: p(candidate) for p in fp8_passes(pass_opts, [ly.node for ly in quant], act_targets,
-                                                           attn, ranges)}
+                                                           attn, ranges, dtypes)}
         sess = session(candidate)
         cos = [compare("velocity", sess.run(["velocity"], s.feeds)[0], e).cosine
                for s, e in zip(probe, expected, strict=True)]
@@ -154,7 +160,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as err:
             raise CalibrationError(f"The FP8 graph fails the ONNX checker: {err}".splitlines()[0]) from err
-    spec8 = GraphSpec(DIT, "fp8", FP8_FILE, sha256_file(out), fp32.inputs, fp32.outputs)
+    spec8 = GraphSpec(DIT, "fp8", FP8_FILE, sha256_file(out), source.inputs, source.outputs)
     scales = {ly.module: round(ranges[ly.activation] / 448.0, 8) for ly in quant}
 
     # 5. accuracy report
@@ -189,6 +195,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     info = {
         "opset": max(o.version for o in fp8_model.opset_import if o.domain in ("", "ai.onnx")),
         "quantization": "fp8-e4m3 q/dq",
+        "source": source.precision,
         "weight_scales": "per-channel" if per_channel else "per-tensor",
         "fp8_attention": options.fp8_attention,
         "quantised_layers": len(quant),

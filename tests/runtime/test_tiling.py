@@ -113,3 +113,20 @@ def test_tiled_encode_and_decode_match_diffusers_tiled_vae(tiny_vae_onnx):
     # and tiling is not a no-op: the untiled decode differs in the overlaps
     whole = _session(paths["vae_decoder"])(latent)
     assert np.abs(whole - ours_x).max() > 1e-3
+
+
+# --- the tile bounds the VAE engine profiles ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_export_records_the_tiling_and_the_plan_uses_it(tiny_artifacts):
+    from uniref_deploy.engines.plan import make_plan
+    from uniref_deploy.runtime.manifest import Manifest
+
+    manifest = Manifest.load(tiny_artifacts)
+    tiling = VaeTiling.from_vae_config(manifest.model.vae)
+    assert tiling == VaeTiling()
+    plan = make_plan(manifest, [b for b in manifest.budgets])
+    assert plan.options.vae_tile == tiling.tile
+    enc = plan.engines[-2]
+    assert all(r.max <= tiling.tile for p in enc.profiles for _, r in p.axes if r.max > 1)
