@@ -6,12 +6,13 @@ the calibration quantises (every block Linear; the embedders and output head sta
 ``calibration/layers.py``) plus one fp32 scale per output channel. With a lean export's artifact, run
 ``uniref-deploy build ART --dry-run --gpu-memory G --precision fp16,fp8`` instead: it reads the ONNX initializers.
 
-    python benchmarks/memory_plan_20b.py [--gib 24,48,80,141]
+    python benchmarks/memory_plan_20b.py [--gib 24,48,80,141] [--untiled]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ from uniref_deploy.engines.memory import GIB, MemoryPlan, WeightStats, engine_me
 from uniref_deploy.engines.plan import make_plan
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, ModelConfig
+from uniref_deploy.runtime.tiling import TILING_KEY, VaeTiling
 
 CONFIGS = "/work/shared/real-configs/qwen-image-edit.json"
 
@@ -53,12 +55,15 @@ def vae_weights(model, part: str) -> WeightStats:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", default="24,48,80,141")
+    ap.add_argument("--untiled", action="store_true", help="plan the VAE untiled (export default: tiled)")
     args = ap.parse_args()
     real = json.loads(Path(CONFIGS).read_text())
     t_cfg, v_cfg = real["transformer"]["Qwen-Image-Edit-2509"], real["vae"]
     dit, vae = _meta(QwenImageTransformer2DModel, t_cfg), _meta(AutoencoderKLQwenImage, v_cfg)
     model = ModelConfig("qwen-image", {k: v for k, v in t_cfg.items() if not k.startswith("_")},
                         {k: v_cfg[k] for k in ("z_dim", "latents_mean", "latents_std", "temperal_downsample")}, {})
+    if not args.untiled:
+        model = dataclasses.replace(model, vae={**model.vae, TILING_KEY: VaeTiling().to_dict()})
     specs = []
     for name, precision in ((DIT, "fp16"), (DIT, "fp8"), (VAE_ENCODER, "fp16"), (VAE_DECODER, "fp16")):
         inputs, outputs = graph_io(name, model)
