@@ -130,3 +130,36 @@ def test_export_records_the_tiling_and_the_plan_uses_it(tiny_artifacts):
     assert plan.options.vae_tile == tiling.tile
     enc = plan.engines[-2]
     assert all(r.max <= tiling.tile for p in enc.profiles for _, r in p.axes if r.max > 1)
+
+
+class _Recorder:
+    """A backend that records the shapes it is fed and applies the pointwise stand-in VAE."""
+
+    def __init__(self, fn, key_in, key_out):
+        self.fn, self.key_in, self.key_out, self.shapes = fn, key_in, key_out, []
+
+    def infer(self, feeds):
+        x = feeds[self.key_in]
+        self.shapes.append(x.shape)
+        return {self.key_out: self.fn(x)}
+
+
+@pytest.mark.parametrize("tiling", [None, {"tile": 64, "stride": 48}])
+def test_pipeline_runs_the_vae_in_manifest_tiles(tiling):
+    from uniref_deploy.runtime.graphs import VAE_DECODER, VAE_ENCODER
+    from uniref_deploy.runtime.manifest import ModelConfig
+    from uniref_deploy.runtime.pipeline import Pipeline
+
+    t = {"in_channels": 16, "out_channels": 4, "patch_size": 2, "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 8}
+    v = {"z_dim": 4, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
+    if tiling:
+        v["tiling"] = tiling
+    enc, dec = _Recorder(_down, "image", "latent"), _Recorder(_up, "latent", "image")
+    pipe = Pipeline(ModelConfig("qwen-image", t, v, {}), {VAE_ENCODER: enc, VAE_DECODER: dec})
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 3, 96, 160)).astype(np.float32)
+    latent = np.random.default_rng(1).standard_normal((1, 4, 12, 20)).astype(np.float32)
+    np.testing.assert_allclose(pipe._vae(VAE_ENCODER, image), _down(image), atol=1e-5)
+    np.testing.assert_allclose(pipe._vae(VAE_DECODER, latent), _up(latent), atol=1e-5)
+    longest = max(max(s[2:]) for s in enc.shapes)
+    assert longest == (64 if tiling else 160) and len(enc.shapes) == (2 * 4 if tiling else 1)  # rows at 0, 48; columns at 0..144
+    assert max(max(s[2:]) * 8 for s in dec.shapes) == (64 if tiling else 160)
