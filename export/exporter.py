@@ -61,6 +61,8 @@ class ExportOptions:
     force: export even if the inputs are unchanged.
     ort_fusions: also write ``onnx/dit.ort.onnx``, the fp32 DiT with ONNX Runtime contrib-op fusions (validated
         like the portable graph; ONNX Runtime backends prefer it, TensorRT never uses it).
+    pipeline_class: serve the model as this diffusers class (None: ``model_index.json``'s); recorded.
+    text_encoder_dtype: the runtime's text-encoder dtype ("auto", "bfloat16", "float32"); recorded.
     vae_tiling: (tile, stride) in pixels of the runtime's tiled VAE, recorded in the manifest's VAE config
         (``runtime/tiling.py``); it bounds the VAE engine profiles. None: untiled.
     """
@@ -73,6 +75,8 @@ class ExportOptions:
     fp16_safety: float = FP16_SAFETY
     force: bool = False
     ort_fusions: bool = True
+    pipeline_class: str | None = None
+    text_encoder_dtype: str = "auto"
     vae_tiling: tuple[int, int] | None = (DEFAULT_TILE, DEFAULT_STRIDE)
 
     def __post_init__(self) -> None:
@@ -123,7 +127,7 @@ def export_onnx(model_dir: str | os.PathLike, art_dir: str | os.PathLike, option
     """
     say = progress or (lambda msg: logger.info(msg))
     model_dir, art = Path(model_dir), Path(art_dir)
-    config = ModelConfig.from_diffusers_dir(model_dir)
+    config = ModelConfig.from_diffusers_dir(model_dir, options.pipeline_class, options.text_encoder_dtype)
     if config.text_encoder_dir and _is_inside(Path(config.text_encoder_dir), art):
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from .errors import InputError, ManifestError
 from .fileio import atomic_write_text, sha256_file
+from .model_checks import check_transformer_config, resolve_pipeline_class
+from .pipeline_classes import EDIT_PLUS
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TEXT_ENCODER_DTYPES = ("auto", "bfloat16", "float32")
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "bool")
 
 
@@ -149,6 +152,8 @@ class ModelConfig:
         vae: z_dim, latents_mean, latents_std, temperal_downsample.
         scheduler: the scheduler_config.json values.
         text_encoder_dir: folder with text_encoder/, tokenizer/, processor/ (a diffusers model dir), or None.
+        pipeline_class: the diffusers pipeline class the model is served as (``runtime/pipeline_classes.py``).
+        text_encoder_dtype: the text encoder's torch dtype: "auto" (bf16 where supported), "bfloat16", "float32".
     """
 
     family: str
@@ -156,6 +161,8 @@ class ModelConfig:
     vae: dict
     scheduler: dict
     text_encoder_dir: str | None = None
+    pipeline_class: str = EDIT_PLUS
+    text_encoder_dtype: str = "auto"
 
     @property
     def latent_channels(self) -> int:
@@ -174,8 +181,24 @@ class ModelConfig:
         return bool(self.transformer.get("zero_cond_t", False))
 
     @classmethod
-    def from_diffusers_dir(cls, model_dir: str | os.PathLike) -> ModelConfig:
-        """Read a diffusers-format folder's JSON configs (no weights, no torch)."""
+    def from_diffusers_dir(cls, model_dir: str | os.PathLike, pipeline_class: str | None = None,
+                           text_encoder_dtype: str = "auto") -> ModelConfig:
+        """Read a diffusers-format folder's JSON configs (no weights, no torch) and check the model is servable.
+
+        Args:
+            model_dir: the folder with ``model_index.json``.
+            pipeline_class: serve the model as this class (a key of ``PIPELINE_CLASSES``) whatever its
+                ``model_index.json`` says; None reads ``_class_name`` (an unknown edit class loads as Edit-Plus,
+                with a warning).
+            text_encoder_dtype: recorded as ``text_encoder_dtype`` ("auto", "bfloat16" or "float32").
+
+        Raises:
+            ManifestError: not a diffusers folder, or unreadable configs.
+            InputError: a pipeline class, transformer config or text-encoder dtype this runtime cannot serve.
+        """
+        if text_encoder_dtype not in TEXT_ENCODER_DTYPES:
+            raise InputError(f"Unknown text-encoder dtype '{text_encoder_dtype}'.",
+                             f"use one of {', '.join(TEXT_ENCODER_DTYPES)}.")
         root = Path(model_dir)
         index = root / "model_index.json"
         if not index.is_file():
@@ -184,19 +207,23 @@ class ModelConfig:
                 "pass a folder written by `uniref-deploy preset` or a diffusers checkpoint, or an artifact folder.",
             )
         try:
+            model_index = json.loads(index.read_text())
             transformer = json.loads((root / "transformer" / "config.json").read_text())
             vae = json.loads((root / "vae" / "config.json").read_text())
             scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ManifestError(f"Cannot read the configs of '{root}': {err}.", "is the checkpoint complete?") from err
+        served = resolve_pipeline_class(root, model_index, pipeline_class)
+        check_transformer_config(root, transformer, vae)
         vae_keep = {k: vae[k] for k in ("z_dim", "latents_mean", "latents_std", "temperal_downsample") if k in vae}
         has_text = (root / "text_encoder").is_dir() and (root / "processor").is_dir()
         return cls("qwen-image", _strip_private(transformer), vae_keep, _strip_private(scheduler),
-                   str(root.resolve()) if has_text else None)
+                   str(root.resolve()) if has_text else None, served, text_encoder_dtype)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(d["family"], dict(d["transformer"]), dict(d["vae"]), dict(d["scheduler"]), d.get("text_encoder_dir"))
+        return cls(d["family"], dict(d["transformer"]), dict(d["vae"]), dict(d["scheduler"]), d.get("text_encoder_dir"),
+                   d.get("pipeline_class", EDIT_PLUS), d.get("text_encoder_dtype", "auto"))
 
 
 def _strip_private(cfg: dict) -> dict:

@@ -2,7 +2,8 @@
 
 ``Pipeline.from_pretrained(model_dir, backend="torch")`` runs diffusers' modules; ``Pipeline.from_artifacts(art)``
 runs exported graphs (ONNX Runtime, TensorRT). With ``policy="per-image"`` and the same components, latents and
-embeddings, the output reproduces diffusers' ``QwenImageEditPlusPipeline``.
+embeddings, the output reproduces diffusers' pipeline class of the model folder (``QwenImageEditPlusPipeline`` or
+``QwenImageEditPipeline``, see ``pipeline_classes.py``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from .errors import InputError
 from .graphs import DIT, VAE_DECODER, VAE_ENCODER
 from .images import from_model_output, load_images, to_model_input, to_pil
 from .manifest import Manifest, ModelConfig
+from .model_checks import resolve_pipeline_class
 from .packing import POLICIES, PackedLayout, budget_pixels, pack_references
+from .pipeline_classes import EDIT_PLUS
+from .pipeline_classes import pipeline_class as pipeline_class_info
 from .rope import RopeCache, RopeConfig, modulation_index
 from .scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
-from .text import CONDITION_IMAGE_AREA, MAX_TEXT_TOKENS, QwenPromptEncoder
+from .text import CONDITION_IMAGE_AREA, QwenPromptEncoder
 from .tiling import VaeTiling, tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,7 @@ class Pipeline:
         self.backends = backends
         self.text_encoder = text_encoder
         self.budgets = tuple(budget_pixels(b) for b in budgets) if budgets else None
+        self.pipeline_class = pipeline_class_info(config.pipeline_class)
         self.rope = RopeCache(RopeConfig.from_transformer_config(config.transformer))
         self.scheduler_config = FlowMatchEulerConfig.from_dict(config.scheduler)
         self.latents_mean = np.asarray(config.vae["latents_mean"], dtype=np.float32)
@@ -92,26 +97,34 @@ class Pipeline:
     # ---- constructors -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, backend: str = "torch", torch_dtype: str = "float32",
-                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True) -> Pipeline:
-        """A pipeline over a diffusers-format folder, running diffusers' modules (``backend="torch"``)."""
+                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
+                        pipeline_class: str | None = None, text_encoder_dtype: str = "auto") -> Pipeline:
+        """A pipeline over a diffusers-format folder, running diffusers' modules (``backend="torch"``).
+
+        ``pipeline_class`` serves the folder as that diffusers class (default: its ``model_index.json``);
+        ``text_encoder_dtype`` is "auto" (bf16 where the GPU/CPU supports it), "bfloat16" or "float32".
+        """
         if backend != "torch":
             raise InputError(
                 f"from_pretrained runs the torch backend, not '{backend}'.",
                 "export the model (`uniref-deploy export`) and use Pipeline.from_artifacts for ort/trt.",
             )
-        config = ModelConfig.from_diffusers_dir(model_dir)
+        config = ModelConfig.from_diffusers_dir(model_dir, pipeline_class, text_encoder_dtype)
         backends = backend_factory("torch").create(config, model_dir, dtype=torch_dtype)
-        text = _text_encoder(config, condition_image_area, torch_dtype) if load_text_encoder else None
+        text = _text_encoder(config, condition_image_area) if load_text_encoder else None
         return cls(config, backends, text)
 
     @classmethod
     def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
+                       pipeline_class: str | None = None, text_encoder_dtype: str | None = None,
                        **backend_options) -> Pipeline:
         """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``.
 
-        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime and the fastest built
-        precision on TensorRT (fp16, bf16, fp8, then fp32).
+        ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime, the fastest built
+        precision on TensorRT (fp16, bf16, fp8, then fp32) and the measured choice per graph on OpenVINO.
+        ``backend="auto"`` follows the rule of ``backends/auto.py``. ``pipeline_class`` and ``text_encoder_dtype``
+        override the values the export recorded in the manifest.
         """
         manifest = Manifest.load(art_dir)
         if backend == "auto":
@@ -119,6 +132,10 @@ class Pipeline:
         backends = backend_factory(backend).create(manifest.model, Path(art_dir), manifest=manifest,
                                                    precision=precision, **backend_options)
         config = manifest.model
+        if pipeline_class is not None:
+            config = dataclasses.replace(config, pipeline_class=resolve_pipeline_class(art_dir, {}, pipeline_class))
+        if text_encoder_dtype is not None:
+            config = dataclasses.replace(config, text_encoder_dtype=text_encoder_dtype)
         if config.text_encoder_dir and not Path(config.text_encoder_dir).is_absolute():
             config = dataclasses.replace(config, text_encoder_dir=str(Path(art_dir) / config.text_encoder_dir))
         text = _text_encoder(config, condition_image_area) if load_text_encoder else None
@@ -156,6 +173,7 @@ class Pipeline:
         self.check_inputs(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
                           policy, output_type, budget)
         images = load_images(image or [])
+        self._check_references(len(images))
         do_cfg = true_cfg_scale > 1.0 and (negative_prompt is not None or negative_prompt_embeds is not None)
 
         # 2. pack the references into the budget
@@ -166,8 +184,10 @@ class Pipeline:
 
         # 3. text conditioning
         t0 = time.perf_counter()
-        cond = self._embeds(prompt, images, prompt_embeds, prompt_embeds_mask)
-        uncond = self._embeds(negative_prompt, images, negative_prompt_embeds, negative_prompt_embeds_mask) if do_cfg else None
+        sizes = [(slot.width, slot.height) for slot in layout.references]
+        cond = self._embeds(prompt, images, sizes, prompt_embeds, prompt_embeds_mask)
+        uncond = (self._embeds(negative_prompt, images, sizes, negative_prompt_embeds, negative_prompt_embeds_mask)
+                  if do_cfg else None)
         times.text_encode = time.perf_counter() - t0
 
         # 4. VAE-encode the references (cached by content) into packed tokens
@@ -248,22 +268,32 @@ class Pipeline:
                 f"use one of {have}, or re-run the export with --budgets including it.",
             )
 
-    def _embeds(self, prompt, images, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
+    def _check_references(self, count: int) -> None:
+        """Refuse a reference count the pipeline class does not take (Qwen-Image-Edit: exactly one)."""
+        cls = self.pipeline_class
+        if count < cls.min_references or (cls.max_references is not None and count > cls.max_references):
+            want = (f"exactly {cls.min_references}" if cls.min_references == cls.max_references
+                    else f"at least {cls.min_references}")
+            raise InputError(f"{cls.name} takes {want} reference image(s), got {count}.",
+                             f"pass {want} --image, or use a {EDIT_PLUS} model for several references.")
+
+    def _embeds(self, prompt, images, sizes, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
         if embeds is None:
             if self.text_encoder is None:
                 raise InputError(
                     "No text encoder is available for this model.",
                     "pass prompt_embeds (and negative_prompt_embeds), or use a model folder with text_encoder/.",
                 )
-            return trim_text_padding(*self.text_encoder.encode(prompt, images))
+            return trim_text_padding(*self.text_encoder.encode(prompt, images, sizes))
         embeds = np.asarray(embeds, dtype=np.float32)
         if embeds.ndim == 2:
             embeds = embeds[None]
         if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.config.text_hidden_size:
             raise InputError(
                 f"prompt_embeds have shape {embeds.shape}, expected (1, L, {self.config.text_hidden_size}).")
-        if embeds.shape[1] > MAX_TEXT_TOKENS:
-            raise InputError(f"prompt_embeds have {embeds.shape[1]} tokens, over the limit of {MAX_TEXT_TOKENS}.",
+        limit = self.pipeline_class.max_text_tokens
+        if embeds.shape[1] > limit:
+            raise InputError(f"prompt_embeds have {embeds.shape[1]} tokens, over the limit of {limit}.",
                              "shorten the prompt.")
         mask = np.ones(embeds.shape[:2], dtype=bool) if mask is None else np.asarray(mask).astype(bool).reshape(embeds.shape[:2])
         return trim_text_padding(embeds, mask)
@@ -313,16 +343,15 @@ def cfg_combine(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarra
     return (comb * (cond_norm / comb_norm)).astype(np.float32)
 
 
-def _text_encoder(config: ModelConfig, condition_area: int, dtype: str = "float32") -> QwenPromptEncoder | None:
+def _text_encoder(config: ModelConfig, condition_area: int) -> QwenPromptEncoder | None:
     if config.text_encoder_dir and Path(config.text_encoder_dir, "text_encoder").is_dir():
-        return QwenPromptEncoder(config.text_encoder_dir, condition_area=condition_area, dtype=dtype)
+        return QwenPromptEncoder(config.text_encoder_dir, condition_area=condition_area,
+                                 dtype=config.text_encoder_dtype, pipeline=pipeline_class_info(config.pipeline_class))
     return None
 
 
 def _auto_backend(manifest: Manifest) -> str:
-    """TensorRT when engines exist and TensorRT imports, else ONNX Runtime."""
-    from ._lazy import is_available
+    """The fastest installed backend for this machine (the measured rule in ``backends/auto.py``)."""
+    from .backends.auto import choose_backend
 
-    if manifest.engines and is_available("tensorrt"):
-        return "trt"
-    return "ort"
+    return choose_backend(manifest)

@@ -15,16 +15,16 @@ import pytest
 logger = logging.getLogger(__name__)
 
 
-# --- model presets (export/presets.py) -------------------------------------------------------------------------
+# --- model presets (presets/) -------------------------------------------------------------------------
 
 
-def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory, **options) -> Path:
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from uniref_deploy.export.presets import build_preset
+    from uniref_deploy.presets import build_preset
 
     start = time.perf_counter()
-    out = build_preset(name, tmp_path_factory.mktemp("presets") / name, seed=0)
+    out = build_preset(name, tmp_path_factory.mktemp("presets") / name, seed=0, **options)
     logger.info("preset %s built in %.1f s", name, time.perf_counter() - start)
     return out
 
@@ -33,6 +33,12 @@ def _build_preset_fixture(name: str, tmp_path_factory: pytest.TempPathFactory) -
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` preset (seed 0) in diffusers format; built once per session (~1 s after imports)."""
     return _build_preset_fixture("tiny", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` preset (seed 0) as a ``QwenImageEditPipeline`` folder (Qwen-Image-Edit's class)."""
+    return _build_preset_fixture("tiny", tmp_path_factory, pipeline_class="QwenImageEditPipeline")
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[int], prec
     # 1. the model: a preset is built inside the artifact folder, so ART is self-contained
     t0 = time.perf_counter()
     if source in PRESET_NAMES and not Path(source).exists():
-        from uniref_deploy.export.presets import build_preset
+        from uniref_deploy.presets import build_preset
 
         model_dir = build_preset(source, art / "source", seed=seed)
         rows.append(StageSummary("preset", "done", time.perf_counter() - t0, note=f"'{source}' (seed {seed}) in source/"))

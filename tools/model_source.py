@@ -24,7 +24,7 @@ def resolve_model(source: str) -> tuple[str, Path]:
     if (path / "model_index.json").is_file():
         return "diffusers", path
     if source in PRESET_NAMES and not path.exists():
-        from uniref_deploy.export.presets import build_preset
+        from uniref_deploy.presets import build_preset
 
         return "diffusers", build_preset(source, preset_cache_dir(source))
     if not path.exists():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from uniref_deploy.runtime.errors import InputError
+from uniref_deploy.runtime.manifest import TEXT_ENCODER_DTYPES
 from uniref_deploy.runtime.packing import BUDGETS, POLICIES
+from uniref_deploy.runtime.pipeline_classes import PIPELINE_CLASSES
 
 
 def parse_budgets(text: str) -> tuple[int, ...]:
@@ -41,4 +43,14 @@ def edit_options(f):
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")(f)
     f = click.option("--width", type=click.IntRange(16, 16384), default=None, help="Output width (default: last reference's aspect at the budget).")(f)
     f = click.option("--height", type=click.IntRange(16, 16384), default=None, help="Output height.")(f)
+    return f
+
+
+def model_options(f):
+    """How to serve the model (shared by `edit` and `export`): its pipeline class and text-encoder dtype."""
+    f = click.option("--pipeline-class", type=click.Choice(sorted(PIPELINE_CLASSES)), default=None,
+                     help="Serve the model as this diffusers class (default: model_index.json's, or the manifest's).")(f)
+    f = click.option("--text-encoder-dtype", type=click.Choice(TEXT_ENCODER_DTYPES), default=None,
+                     help="Text encoder dtype; auto = bfloat16 where the GPU/CPU supports it, else float32 "
+                          "[default: auto, or the manifest's].")(f)
     return f

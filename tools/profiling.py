@@ -40,7 +40,7 @@ class ProfileOptions:
     """What to profile.
 
     Args:
-        backends: backends to run ("ort", "torch", "trt"); default ("ort",).
+        backends: backends to run ("ort", "torch", "trt", "openvino", "openvino:bf16", ...); default ("ort",).
         budgets: budget sides; None = every budget compiled into the artifacts.
         refs: reference counts to profile; default (1, 2).
         steps: denoising steps per edit; default 8.
@@ -91,11 +91,18 @@ def source_model_dir(art: Path, manifest: Manifest) -> Path:
     return path
 
 
-def load_pipeline(art: Path, backend: str, precision: str = "fp32", load_text_encoder: bool = True, **options):
-    """A pipeline on ``backend``: ort/trt over the artifacts, torch over the source model."""
+def load_pipeline(art: Path, backend: str, precision: str | None = "fp32", load_text_encoder: bool = True, **options):
+    """A pipeline on ``backend``: ort/trt/openvino over the artifacts, torch over the source model.
+
+    ``backend`` may carry its own precision as ``NAME:PRECISION`` (``openvino:bf16``; ``openvino:auto`` is the
+    measured choice per graph), overriding ``precision`` for that backend only.
+    """
     from uniref_deploy.runtime._lazy import is_available
     from uniref_deploy.runtime.pipeline import Pipeline
 
+    backend, _, own = backend.partition(":")
+    if own:
+        precision = None if own == "auto" else own
     manifest = Manifest.load(art)
     if backend == "torch":
         return Pipeline.from_pretrained(source_model_dir(art, manifest), load_text_encoder=load_text_encoder)

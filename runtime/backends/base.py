@@ -106,6 +106,7 @@ BACKENDS = {
     "torch": "uniref_deploy.runtime.backends.torch_ref:TorchBackendFactory",
     "ort": "uniref_deploy.runtime.backends.ort:OrtBackendFactory",
     "trt": "uniref_deploy.runtime.backends.trt:TrtBackendFactory",
+    "openvino": "uniref_deploy.runtime.backends.openvino:OpenVinoBackendFactory",
 }
 
 

@@ -17,6 +17,9 @@ MODULES = (
     "uniref_deploy.runtime.scheduler",
     "uniref_deploy.runtime.backends.ort",
     "uniref_deploy.runtime.backends.trt",
+    "uniref_deploy.runtime.backends.openvino",
+    "uniref_deploy.runtime.backends.openvino_precision",
+    "uniref_deploy.runtime.cpu",
 )
 
 PROBE = """

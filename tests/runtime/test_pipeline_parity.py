@@ -59,7 +59,7 @@ def diffusers_pipe(tiny_model_dir, small_sizes) -> QwenImageEditPlusPipeline:
 
 @pytest.fixture(scope="module")
 def our_pipe(tiny_model_dir) -> Pipeline:
-    pipe = Pipeline.from_pretrained(tiny_model_dir, condition_image_area=COND_AREA)
+    pipe = Pipeline.from_pretrained(tiny_model_dir, condition_image_area=COND_AREA, text_encoder_dtype="float32")
     yield pipe
     pipe.close()
 

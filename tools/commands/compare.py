@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
-BACKENDS = ("ort", "torch", "trt")
+# openvino:PRECISION gives that backend its own precision (auto: the measured choice per graph)
+BACKENDS = ("ort", "torch", "trt", "openvino", "openvino:auto", "openvino:fp32", "openvino:bf16", "openvino:int8")
 
 
 @click.command("compare")
 @click.argument("art", type=click.Path(exists=True, file_okay=False))
 @click.option("--backends", default="ort,torch", show_default=True,
-              help="Comma-separated backends; the first is the reference the others are compared against.")
+              help="Comma-separated backends (ort, torch, trt, openvino[:auto|fp32|bf16|int8]); the first is the "
+                   "reference the others are compared against.")
 @click.option("--budget", type=click.Choice(("1024", "1536", "2048")), default="1024", show_default=True,
               help="Pixel budget (side).")
 @click.option("--refs", default="1,2", show_default=True, help="Reference counts (one layout each).")

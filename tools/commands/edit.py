@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from uniref_deploy.tools.options import edit_options
+from uniref_deploy.tools.options import edit_options, model_options
 
 
 @click.command("edit")
@@ -13,12 +13,16 @@ from uniref_deploy.tools.options import edit_options
 @click.option("--prompt", required=True, help="Edit instruction.")
 @click.option("--negative-prompt", default=None, help="Negative prompt; enables true CFG when --cfg > 1.")
 @edit_options
-@click.option("--backend", type=click.Choice(["auto", "torch", "ort", "trt"]), default="auto", show_default=True,
-              help="Backend (torch for model folders; ort/trt for artifact folders).")
-@click.option("--precision", default=None, help="DiT precision for artifact folders (default: fp32 on ort, fastest built on trt).")
+@model_options
+@click.option("--backend", type=click.Choice(["auto", "torch", "ort", "trt", "openvino"]), default="auto",
+              show_default=True, help="Backend (torch for model folders; ort/trt/openvino for artifact folders).")
+@click.option("--precision", default=None, help="DiT precision for artifact folders (default: fp32 on ort, fastest "
+              "built on trt, the measured choice per graph on openvino).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="CPU inference threads (ort/openvino; default: the runtime's choice).")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output PNG.")
 def command(model, images, prompt, negative_prompt, budget, policy, steps, true_cfg_scale, seed, width, height,
-            backend, precision, out_path) -> None:
+            backend, precision, threads, out_path, pipeline_class, text_encoder_dtype) -> None:
     """Edit with MODEL (artifact folder, diffusers folder, or preset name `tiny`/`small`)."""
     from tqdm import tqdm
 
@@ -30,9 +34,12 @@ def command(model, images, prompt, negative_prompt, budget, policy, steps, true_
     refs = load_images(images)  # fail fast on bad files, before any model loads
     kind, path = resolve_model(model)
     if kind == "artifacts":
-        pipe = Pipeline.from_artifacts(path, backend=backend, precision=precision)
+        options = {"threads": threads} if threads else {}
+        pipe = Pipeline.from_artifacts(path, backend=backend, precision=precision, pipeline_class=pipeline_class,
+                                       text_encoder_dtype=text_encoder_dtype, **options)
     else:
-        pipe = Pipeline.from_pretrained(path, backend="torch" if backend == "auto" else backend)
+        pipe = Pipeline.from_pretrained(path, backend="torch" if backend == "auto" else backend,
+                                        pipeline_class=pipeline_class, text_encoder_dtype=text_encoder_dtype or "auto")
     bar = None
 
     def progress(i: int, n: int, dt: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from uniref_deploy.tools.options import parse_budgets, parse_list
+from uniref_deploy.tools.options import model_options, parse_budgets, parse_list
 
 
 @click.command("export")
@@ -17,15 +17,17 @@ from uniref_deploy.tools.options import parse_budgets, parse_list
 @click.option("--force", is_flag=True, help="Re-export even when the inputs are unchanged.")
 @click.option("--ort-fusions/--no-ort-fusions", default=True, show_default=True,
               help="Also write onnx/dit.ort.onnx: the fp32 DiT with ONNX Runtime fusions (MHA, RMSNorm, GELU).")
+@model_options
 def command(model: str, art_dir: str, budgets: str, dtypes: str, opset: int, no_validate: bool, force: bool,
-            ort_fusions: bool) -> None:
+            ort_fusions: bool, pipeline_class: str | None, text_encoder_dtype: str | None) -> None:
     """Export MODEL (diffusers folder or preset name) to ONNX under ART, validated against torch."""
     from uniref_deploy.export.exporter import PRECISIONS, ExportOptions, export_onnx
     from uniref_deploy.tools.model_source import resolve_model
 
     options = ExportOptions(budgets=parse_budgets(budgets), dtypes=parse_list(dtypes, PRECISIONS, "--dtypes"),
                             opset=opset, validate=not no_validate, force=force,
-                            ort_fusions=ort_fusions)
+                            ort_fusions=ort_fusions, pipeline_class=pipeline_class,
+                            text_encoder_dtype=text_encoder_dtype or "auto")
     kind, path = resolve_model(model)
     if kind != "diffusers":
         from uniref_deploy.runtime.errors import InputError

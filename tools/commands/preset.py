@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import click
 
+from uniref_deploy.presets import PRESETS
+from uniref_deploy.presets.real import REAL_MODELS
+
 
 @click.command("preset")
-@click.argument("name", type=click.Choice(["tiny", "small"]))
+@click.argument("name", type=click.Choice([*PRESETS, *REAL_MODELS]))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed.")
 def command(name: str, out_dir: str, seed: int) -> None:
-    """Build the `tiny` (seconds on CPU) or `small` (benchmark-sized) preset locally; no model hub needed."""
-    from uniref_deploy.export.presets import build_preset, preset_parameter_counts
+    """Build `tiny` (seconds on CPU), `small` (benchmark-sized) or a published Qwen-Image-Edit config at one
+    layer (real widths and folder layout, random weights); no model hub needed."""
+    from uniref_deploy.presets import build_preset, preset_parameter_counts
 
-    path = build_preset(name, out_dir, seed=seed)
+    if name in REAL_MODELS:
+        from uniref_deploy.presets.real import build_real_preset
+
+        path = build_real_preset(name, out_dir, seed=seed)
+    else:
+        path = build_preset(name, out_dir, seed=seed)
     counts = preset_parameter_counts(path)
     click.echo(f"preset '{name}' (seed {seed}) at {path}")
     for component, n in counts.items():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-BACKENDS = ("ort", "torch", "trt")
+# openvino:PRECISION gives that backend its own precision (auto: the measured choice per graph)
+BACKENDS = ("ort", "torch", "trt", "openvino", "openvino:auto", "openvino:fp32", "openvino:bf16", "openvino:int8")
 
 
 @click.command("profile")
 @click.argument("art", type=click.Path(exists=True, file_okay=False))
 @click.option("--backend", "backends", default="ort", show_default=True,
-              help="Comma-separated backends: ort, torch (the source model), trt.")
+              help="Comma-separated backends: ort, torch (the source model), trt, openvino[:auto|fp32|bf16|int8].")
 @click.option("--budgets", default=None, help="Budget sides, e.g. 1024,1536 (default: every compiled budget).")
 @click.option("--refs", default="1,2", show_default=True, help="Reference counts to profile, e.g. 1,2,4.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=8, show_default=True, help="Denoising steps.")

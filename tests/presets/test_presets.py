@@ -1,4 +1,4 @@
-"""Tests for export/presets.py: the locally built, seeded Qwen-Image-Edit-Plus component sets."""
+"""Tests for presets/seeded.py: the locally built, seeded Qwen-Image-Edit-Plus component sets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from uniref_deploy.export.presets import (  # noqa: E402
+from uniref_deploy.presets.seeded import (  # noqa: E402
     PRESET_FILE,
     PRESET_FORMAT_VERSION,
     PRESETS,

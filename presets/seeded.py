@@ -43,6 +43,12 @@ from typing import Any
 
 from uniref_deploy.runtime._lazy import require
 from uniref_deploy.runtime.errors import ExportError, InputError
+from uniref_deploy.runtime.pipeline_classes import (
+    EDIT_PLUS,
+    PIPELINE_CLASSES,
+    SYSTEM_PREFIX,
+    SYSTEM_PREFIX_TOKENS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +56,9 @@ PRESET_FORMAT_VERSION = 1
 PRESET_FILE = "preset.json"
 WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 
-# The pipeline's prompt template up to the user text; diffusers drops exactly this many leading tokens.
-TEMPLATE_PREFIX = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
-    "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n"
-)
-TEMPLATE_PREFIX_TOKENS = 64
+# The template's system part (runtime/pipeline_classes.py); diffusers drops exactly this many leading tokens.
+TEMPLATE_PREFIX = SYSTEM_PREFIX
+TEMPLATE_PREFIX_TOKENS = SYSTEM_PREFIX_TOKENS
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -234,16 +235,18 @@ PRESETS: dict[str, PresetSpec] = {
 }
 
 
-def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build_preset(name: str, out_dir: str | Path, seed: int = 0, pipeline_class: str = EDIT_PLUS) -> Path:
     """Write preset ``name`` with weights seeded by ``seed`` to ``out_dir`` (atomically) and return ``out_dir``.
 
     Args:
         name (str): a key of ``PRESETS`` ("tiny" or "small").
         out_dir (str | Path): destination folder; must not exist, be empty, or already hold the same preset.
         seed (int, default 0): seeds every component's random initialisation.
+        pipeline_class (str, default Edit-Plus): the diffusers class written to ``model_index.json``, a key of
+            ``runtime.pipeline_classes.PIPELINE_CLASSES`` (the components are the same for both).
 
     Returns:
-        Path: ``out_dir``, loadable by ``QwenImageEditPlusPipeline.from_pretrained``.
+        Path: ``out_dir``, loadable by ``from_pretrained`` of ``pipeline_class``.
 
     Raises:
         InputError: unknown preset name, or ``out_dir`` holds something else.
@@ -251,12 +254,15 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """
     if name not in PRESETS:
         raise InputError(f"Unknown preset '{name}'.", hint=f"choose one of {sorted(PRESETS)}")
+    if pipeline_class not in PIPELINE_CLASSES:
+        raise InputError(f"Unknown pipeline class '{pipeline_class}'.", f"use one of {sorted(PIPELINE_CLASSES)}")
     spec = PRESETS[name]
     spec.validate()
     for module in ("torch", "diffusers", "transformers", "tokenizers", "safetensors"):
         require(module, extra="torch")
     out_dir = Path(out_dir)
-    if _holds_preset(out_dir, name, seed):
+    identity = (name, seed, pipeline_class)
+    if _holds_preset(out_dir, identity):
         logger.info("preset %s (seed %d) already in %s; skipping", name, seed, out_dir)
         return out_dir
     _check_free(out_dir)
@@ -266,18 +272,19 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     logger.info("building preset %s (seed %d) into %s", name, seed, out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        _write_components(spec, tmp, seed)
+        _write_components(spec, tmp, seed, pipeline_class)
         counts = preset_parameter_counts(tmp)
         record = {
             "name": name,
             "seed": seed,
+            "pipeline_class": pipeline_class,
             "version": PRESET_FORMAT_VERSION,
             "parameters": counts,
             "spec": asdict(spec),
             "libraries": _library_versions(),
         }
         (tmp / PRESET_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _publish(tmp, out_dir, name, seed)
+        _publish(tmp, out_dir, identity)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built preset %s in %.1f s", name, time.perf_counter() - start)
@@ -324,13 +331,13 @@ def read_preset_record(out_dir: str | Path) -> dict[str, Any] | None:
 # --- destination handling --------------------------------------------------------------------------------------
 
 
-def _holds_preset(out_dir: Path, name: str, seed: int) -> bool:
+def _holds_preset(out_dir: Path, identity: tuple[str, int, str]) -> bool:
+    """True when ``out_dir`` already holds the preset (name, seed, pipeline class) of this format version."""
     record = read_preset_record(out_dir)
-    return bool(record) and (record.get("name"), record.get("seed"), record.get("version")) == (
-        name,
-        seed,
-        PRESET_FORMAT_VERSION,
-    )
+    if not record:
+        return False
+    have = (record.get("name"), record.get("seed"), record.get("pipeline_class", EDIT_PLUS))
+    return have == identity and record.get("version") == PRESET_FORMAT_VERSION
 
 
 def _check_free(out_dir: Path) -> None:
@@ -347,14 +354,14 @@ def _check_free(out_dir: Path) -> None:
         )
 
 
-def _publish(tmp: Path, out_dir: Path, name: str, seed: int) -> None:
+def _publish(tmp: Path, out_dir: Path, identity: tuple[str, int, str]) -> None:
     """Rename the finished build onto ``out_dir``; a concurrent identical build that won the race is accepted."""
     with contextlib.suppress(OSError):
         out_dir.rmdir()  # an empty destination folder is replaced
     try:
         os.rename(tmp, out_dir)
     except OSError as err:
-        if not _holds_preset(out_dir, name, seed):
+        if not _holds_preset(out_dir, identity):
             raise InputError(
                 f"Cannot move the built preset into '{out_dir}' ({err}).",
                 hint="pick an empty or non-existent folder",
@@ -392,11 +399,12 @@ def _seeded(seed: int, component: str) -> Iterator[None]:
         yield
 
 
-def _write_components(spec: PresetSpec, folder: Path, seed: int) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+def _write_components(spec: PresetSpec, folder: Path, seed: int, pipeline_class: str) -> None:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     tokenizer = _build_tokenizer(spec)
-    pipe = QwenImageEditPlusPipeline(
+    pipe = getattr(diffusers, pipeline_class)(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=_build_vae(spec, seed),
         text_encoder=_build_text_encoder(spec, tokenizer, seed),

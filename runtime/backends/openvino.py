@@ -1,0 +1,153 @@
+"""OpenVINO backend: the artifact's portable ONNX graphs compiled for the CPU, f32 or bf16 per graph.
+
+OpenVINO reads ``onnx/*.onnx`` unchanged (dynamic axes stay dynamic). Its inference-precision hint runs a graph's
+matmuls and convolutions in bf16 where the CPU has native bf16 (AMX or AVX-512 BF16); which graphs may use it is
+decided by measured accuracy (``openvino_precision.py``, recorded in the manifest), since bf16 ruins some graphs
+(a randomly initialised VAE) while the DiT keeps the bf16 level of error. Compiled models are cached in
+``ART/cache/openvino`` so a second start skips compilation. Needs ``pip install 'uniref-deploy[openvino]'``, no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._lazy import require
+from ..errors import BackendError, InputError, ManifestError
+from ..fileio import sha256_file
+from ..graphs import DIT, GRAPH_NAMES
+from ..manifest import GraphSpec, Manifest, ModelConfig
+from .base import Backend
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+INFERENCE_HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision name -> OpenVINO's inference precision
+CACHE_DIR = Path("cache") / "openvino"
+
+
+def _ov():
+    return require("openvino", extra="openvino")
+
+
+def native_bf16(device: str = "CPU") -> bool:
+    """True when OpenVINO reports bf16 among the device's optimisation capabilities (AMX / AVX-512 BF16)."""
+    return "BF16" in _ov().Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoBackend(Backend):
+    """One exported graph compiled by OpenVINO.
+
+    Args:
+        graph: the manifest entry of the graph (its portable ONNX file).
+        art_dir: the artifact folder holding ``graph.file``.
+        inference_precision: "fp32" or "bf16": OpenVINO's ``INFERENCE_PRECISION_HINT`` for this graph.
+        threads: inference threads (default: OpenVINO's choice, one per physical core).
+        cache_dir: folder for OpenVINO's compiled-model cache, or None for no cache.
+        verify: check the file's sha256 against the manifest before compiling.
+        device: OpenVINO device name; default "CPU".
+    """
+
+    kind = "openvino"
+
+    def __init__(self, graph: GraphSpec, art_dir: str | os.PathLike, inference_precision: str = "fp32",
+                 threads: int | None = None, cache_dir: str | os.PathLike | None = None, verify: bool = True,
+                 device: str = "CPU"):
+        super().__init__(graph.name, graph.inputs, graph.outputs)
+        if inference_precision not in INFERENCE_HINTS:
+            raise InputError(f"OpenVINO inference precision '{inference_precision}' is not supported.",
+                             f"use one of {', '.join(INFERENCE_HINTS)}.")
+        self.graph, self.path = graph, Path(art_dir) / graph.file
+        self.inference_precision, self.threads, self.verify, self.device = inference_precision, threads, verify, device
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.compiled: Any = None  # openvino.CompiledModel once active
+        self._request: Any = None
+        self._ports: dict[str, Any] = {}
+
+    def compile_config(self) -> dict[str, str]:
+        """The properties passed to ``Core.compile_model``."""
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_HINTS[self.inference_precision],
+                  "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = str(int(self.threads))
+        if self.cache_dir is not None:
+            config["CACHE_DIR"] = str(self.cache_dir)
+        return config
+
+    def _activate(self) -> None:
+        ov = _ov()
+        if not self.path.is_file():
+            raise ManifestError(f"Graph file '{self.path}' is missing.", "re-run `uniref-deploy export`.")
+        if self.verify and sha256_file(self.path) != self.graph.sha256:
+            raise ManifestError(
+                f"Graph file '{self.path}' does not match the manifest's sha256 (damaged or replaced).",
+                "re-run `uniref-deploy export` to regenerate it.",
+            )
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            compiled = ov.Core().compile_model(str(self.path), self.device, self.compile_config())
+        except Exception as err:  # OpenVINO raises RuntimeError with a multi-line message
+            raise BackendError(f"OpenVINO cannot compile '{self.path}': {err}".splitlines()[0],
+                               "the file may be damaged; re-run the export.") from err
+        self.compiled, self._request = compiled, compiled.create_infer_request()
+        self._ports = {s.name: compiled.output(s.name) for s in self.outputs}
+
+    def _deactivate(self) -> None:
+        self._request = None
+        self.compiled = None
+
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            out = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_outputs=False)
+        except Exception as err:
+            raise BackendError(f"OpenVINO failed on graph '{self.name}': {err}".splitlines()[0]) from err
+        return {name: np.asarray(out[port], dtype=np.float32) for name, port in self._ports.items()}
+
+
+class OpenVinoBackendFactory:
+    """Builds one OpenVINO backend per graph of an artifact folder.
+
+    ``precision`` (the DiT's, as for the other backends):
+        None: every graph at its measured precision (bf16 where the CPU has native bf16 and the graph keeps
+            its accuracy, else f32), measured once and recorded in the manifest;
+        "fp32": every graph in f32;
+        "bf16": the DiT in bf16 (the VAE graphs at their measured precision);
+        "int8": the DiT's INT8 graph (``dit.int8``, from ``calibrate --precision int8``), the rest measured.
+    Options: ``threads`` (int), ``cache`` (bool, default True: compiled models in ``ART/cache/openvino``),
+    ``verify`` (bool), ``device`` (str, default "CPU").
+    """
+
+    @staticmethod
+    def create(config: ModelConfig, art_dir: str | os.PathLike, manifest: Manifest | None = None,
+               precision: str | None = None, threads: int | None = None, cache: bool = True, verify: bool = True,
+               device: str = "CPU") -> dict[str, Backend]:
+        from .openvino_precision import graph_precisions
+
+        if precision is not None and precision not in PRECISIONS:
+            raise InputError(f"The openvino backend has no precision '{precision}'.",
+                             f"use one of {', '.join(PRECISIONS)}, or none for the measured choice per graph.")
+        art_dir = Path(art_dir)
+        manifest = manifest or Manifest.load(art_dir)
+        cache_dir = _cache_dir(art_dir) if cache else None
+        hints = graph_precisions(manifest, art_dir, precision, threads=threads, device=device, cache_dir=cache_dir)
+        backends: dict[str, Backend] = {}
+        for name in GRAPH_NAMES:
+            graph_precision = "int8" if (name == DIT and precision == "int8") else "fp32"
+            graph = manifest.graph(name, graph_precision)
+            backends[name] = OpenVinoBackend(graph, art_dir, hints[name], threads=threads, cache_dir=cache_dir,
+                                             verify=verify, device=device)
+        return backends
+
+
+def _cache_dir(art_dir: Path) -> Path | None:
+    """``ART/cache/openvino`` when the artifact folder is writable, else None (compile every start)."""
+    path = art_dir / CACHE_DIR
+    if os.access(path if path.is_dir() else art_dir, os.W_OK):
+        return path
+    logger.warning("artifact folder %s is read-only: OpenVINO compiles every start (no model cache)", art_dir)
+    return None
