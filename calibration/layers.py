@@ -53,7 +53,9 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
 
 def module_name(node: onnx.NodeProto) -> str:
     """The module path of a node (``transformer.transformer_blocks.0.attn.to_q``), or its node name."""
-    modules = [s for s in _scopes(node) if s.startswith("transformer")]
+    # the fp16 export wraps the DiT (``inner.transformer...``): keep the path from its ``transformer`` part
+    parts = [sc.split(".") for sc in _scopes(node)]
+    modules = [".".join(p[p.index("transformer"):]) for p in parts if "transformer" in p]
     if modules:
         return modules[-1]
     if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1].endswith(".weight"):
