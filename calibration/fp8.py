@@ -1,10 +1,12 @@
-"""``calibrate_fp8``: the calibration stage. fp32 DiT graph + SELF-packed samples -> ``onnx/dit.fp8.onnx``.
+"""``calibrate_fp8``: the calibration stage. fp16 DiT graph (else fp32) + SELF-packed samples -> ``onnx/dit.fp8.onnx``.
 
-Road: ONNX-level Q/DQ. Activation absmax of every quantised linear layer is collected on the fp32 graph in ONNX
-Runtime; the graph passes under ``calibration/passes`` then store those layers' weights as float8 E4M3 behind
-DequantizeLinear (per output channel or per tensor) and fake-quantise their inputs with QuantizeLinear/
-DequantizeLinear (scale = absmax / E4M3_MAX, float8e4m3fn zero point). The embedders and the output head stay
-high-precision (fp16 storage, fp32 math). TensorRT's strongly-typed builder turns the Q/DQ pairs into FP8 GEMMs.
+Road: ONNX-level Q/DQ. Activation absmax of every quantised linear layer is collected in ONNX Runtime on the
+source graph (the fp16 DiT when exported, else fp32); the graph passes under ``calibration/passes`` then store
+those layers' weights as float8 E4M3 behind DequantizeLinear (per output channel or per tensor) and fake-quantise
+their inputs with QuantizeLinear/DequantizeLinear (scale = absmax / E4M3_MAX, float8e4m3fn zero point). The
+embedders and the output head stay high-precision, and the fp16 graph's fp32 islands stay fp32; scales take the
+type of the tensor they scale, so a strongly-typed TensorRT build runs fp16 everywhere else and turns the Q/DQ
+pairs into FP8 GEMMs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from uniref_deploy.runtime.precision import E4M3_MAX
 from . import dataset as ds
 from .layers import Layer, attention_targets, find_layers, split_layers
 from .passes import PassOptions, fp8_passes
-from .ranges import collect_absmax, session
+from .ranges import collect_absmax, session, tensor_types
 from .report import bucket_accuracy, write_report
 
 logger = logging.getLogger(__name__)
@@ -114,10 +116,12 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     art = Path(art_dir)
     manifest = Manifest.load(art)
     fp32 = manifest.graph(DIT, "fp32")
-    manifest.verify_files(art, (fp32.key,))
+    # the Q/DQ graph derives from the fp16 DiT when exported (fp16 around the FP8 GEMMs, its fp32 islands kept)
+    source = manifest.graph(DIT, "fp16") if manifest.has_graph(DIT, "fp16") else fp32
+    manifest.verify_files(art, tuple(dict.fromkeys((fp32.key, source.key))))
     spec = ds.DatasetSpec(samples=options.samples, images=options.images, seed=options.seed,
                           max_pixels=options.max_pixels)
-    inputs_sha = sha256_json({"dit": fp32.sha256, "options": options.settings(),
+    inputs_sha = sha256_json({"dit": fp32.sha256, "source": source.sha256, "options": options.settings(),
                               "dataset": ds.fingerprint(spec, manifest)})
     if not options.force and _up_to_date(art, manifest, inputs_sha):
         _say(progress, "calibrate: inputs unchanged; skipped")
@@ -127,7 +131,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     _say(progress, f"calibrate: drawing {spec.samples} sample(s) over {len(manifest.budgets) or 1} bucket(s)")
     calset = ds.CalibrationSet(manifest, art, spec)
     samples = list(calset)
-    model = onnx.load(str(art / fp32.file))
+    model = onnx.load(str(art / source.file))
 
     # 2. layers and ranges
     layers = select_layers(model, manifest.model.family, options.fp8_attention)
@@ -140,7 +144,7 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
 
     # 4. write and check (beside the live artifact: the manifest switches to it last)
     staging = Staging(art, "calibrate")
-    spec8 = write_graph(staging.root, choice.model, fp32)
+    spec8 = write_graph(staging.root, choice.model, source)
 
     # 5. accuracy report
     buckets_report = accuracy_runs(art, staging.root, manifest.with_graph(spec8), fp32, spec8, calset, spec, options,
@@ -160,7 +164,8 @@ def calibrate_fp8(art_dir, options: CalibrationOptions, progress: Progress | Non
     scales = {ly.module: round(ranges[ly.activation] / E4M3_MAX, 8) for ly in layers.quantised}
     atomic_write_text(art / CALIBRATION_RANGES, json.dumps({"activation_scales": scales}, indent=2) + "\n")
     figures = {f"b{Budget.from_pixels(b['bucket']).name}": {k: b[k] for k in FIGURE_KEYS} for b in buckets_report}
-    spec8 = dataclasses.replace(spec8, info=_graph_info(choice, options, layers, report, scales, figures, sizes))
+    info = {**_graph_info(choice, options, layers, report, scales, figures, sizes), "source": source.precision}
+    spec8 = dataclasses.replace(spec8, info=info)
     seconds = round(time.perf_counter() - start, 2)
     manifest = manifest.with_graph(spec8).with_stage(StageRecord(
         "calibrate", inputs_sha, {**options.settings(), "dataset": ds.fingerprint(spec, manifest),
@@ -241,7 +246,8 @@ def choose_weight_scales(model: onnx.ModelProto, layers: LayerSelection, ranges:
         candidate = onnx.ModelProto()
         candidate.CopyFrom(model)
         counts = {p.name: p(candidate) for p in fp8_passes(pass_opts, [ly.node for ly in layers.quantised],
-                                                           layers.activation_targets, layers.attention, ranges)}
+                                                           layers.activation_targets, layers.attention, ranges,
+                                                           tensor_dtypes(model, layers.tensors(model)))}
         sess = session(candidate)
         cos = [compare("velocity", sess.run(["velocity"], s.feeds)[0], e).cosine
                for s, e in zip(probe, expected, strict=True)]
@@ -254,7 +260,13 @@ def choose_weight_scales(model: onnx.ModelProto, layers: LayerSelection, ranges:
     return WeightScaleChoice(best[2], best[1], tried)
 
 
-def write_graph(art: Path, fp8_model: onnx.ModelProto, fp32: GraphSpec) -> GraphSpec:
+def tensor_dtypes(model: onnx.ModelProto, tensors: list[str]) -> dict[str, np.dtype]:
+    """The numpy dtype of each of ``tensors`` in ``model`` (scales take the type of the tensor they scale)."""
+    types = tensor_types(model)
+    return {t: onnx.helper.tensor_dtype_to_np_dtype(types[t]) for t in tensors if t in types}
+
+
+def write_graph(art: Path, fp8_model: onnx.ModelProto, source: GraphSpec) -> GraphSpec:
     """Save ``onnx/dit.fp8.onnx`` atomically after the ONNX checker passed; its spec (no info yet).
 
     Raises:
@@ -267,7 +279,7 @@ def write_graph(art: Path, fp8_model: onnx.ModelProto, fp32: GraphSpec) -> Graph
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as err:
             raise CalibrationError(f"The FP8 graph fails the ONNX checker: {err}".splitlines()[0]) from err
-    return GraphSpec(DIT, "fp8", FP8_FILE, sha256_file(out), fp32.inputs, fp32.outputs)
+    return GraphSpec(DIT, "fp8", FP8_FILE, sha256_file(out), source.inputs, source.outputs)
 
 
 def accuracy_runs(art: Path, fp8_root: Path, staged: Manifest, fp32: GraphSpec, fp8: GraphSpec, calset: ds.CalibrationSet,

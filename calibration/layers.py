@@ -26,6 +26,7 @@ HIGH_PRECISION: dict[str, tuple[str, ...]] = {
     ),
 }
 ATTENTION_SCOPE = "scaled_dot_product_attention"
+WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # the fp32 graph's and the fp16 graph's
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
 
 def module_name(node: onnx.NodeProto) -> str:
     """The module path of a node (``transformer.transformer_blocks.0.attn.to_q``), or its node name."""
-    modules = [s for s in _scopes(node) if s.startswith("transformer")]
+    # the fp16 export wraps the DiT (``inner.transformer...``): keep the path from its ``transformer`` part
+    parts = [sc.split(".") for sc in _scopes(node)]
+    modules = [".".join(p[p.index("transformer"):]) for p in parts if "transformer" in p]
     if modules:
         return modules[-1]
     if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1].endswith(".weight"):
@@ -61,14 +64,14 @@ def module_name(node: onnx.NodeProto) -> str:
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every MatMul/Gemm whose input 1 is a 2-D fp32 weight initializer, in graph order."""
+    """Every MatMul/Gemm whose input 1 is a 2-D fp32 or fp16 weight initializer, in graph order."""
     inits = initializer_map(model.graph)
     layers = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
         w = inits.get(node.input[1])
-        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+        if w is None or len(w.dims) != 2 or w.data_type not in WEIGHT_TYPES:
             continue
         layers.append(Layer(node.name, module_name(node), node.op_type, node.input[1], node.input[0],
                             int(w.dims[0] * w.dims[1])))

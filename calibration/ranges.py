@@ -15,13 +15,26 @@ from uniref_deploy.runtime.errors import CalibrationError
 logger = logging.getLogger(__name__)
 
 
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of every typed tensor (inputs, outputs, initializers, inferred intermediates)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]
+             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
 def with_extra_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns ``tensors`` (untyped float outputs; graph inputs are skipped)."""
+    """A copy of ``model`` that also returns ``tensors`` (at their inferred type, else float; graph inputs are
+    skipped)."""
     probe = copy.deepcopy(model)
     have = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    types = tensor_types(model)
     for name in dict.fromkeys(tensors):
         if name not in have:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return probe
 
 

@@ -9,6 +9,7 @@ everywhere, and is what ``build`` runs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest
+from uniref_deploy.runtime.tiling import VaeTiling
 
 from .ranges import axis_ranges, make_profile
 from .records import ENGINE_DIR, PLAN_FILE, BuildPlan, EnginePlan, PlanOptions, SkippedEngine
@@ -106,6 +108,9 @@ def make_plan(manifest: Manifest, budgets: Sequence[Budget | int], precisions: S
         ManifestError: a graph input with a dynamic axis the planner does not know.
     """
     options = options or PlanOptions()
+    tiling = VaeTiling.from_vae_config(manifest.model.vae)
+    if tiling is not None and options.vae_tile is None:
+        options = dataclasses.replace(options, vae_tile=tiling.tile)
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise InputError(f"Unknown precision(s) {bad or list(precisions)}.", f"choose from {', '.join(PRECISIONS)}.")

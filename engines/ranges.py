@@ -16,6 +16,9 @@ text tokens. Each range is the tightest box around these requests:
   (2912 / 4336 / 5808 px), reached by an ``A:1`` default target or a given width with the height derived; opt
   ``s/8``.
 
+With a tiled VAE (``PlanOptions.vae_tile``, from the manifest) the VAE sides are capped at the tile: max
+``min(max, tile)``, opt ``min(s, tile)``, min 16 px (2 latent cells), the smallest edge tile of a 16-px multiple.
+
 ``per-image`` requests (diffusers parity mode) are not covered: each reference takes area ``B`` and rounding may
 exceed it, so such a request can overflow the bucket; the TensorRT backend then refuses it with the token
 counts. The VAE boxes span both orientations, so their max shape (``A*B`` pixels) costs activation memory;
@@ -96,6 +99,13 @@ def _longest_given_side(pixels: int, max_aspect: int) -> int:
     return step
 
 
+def _tiled(side: AxisRange, tile: int | None) -> AxisRange:
+    """Pixel sides a VAE engine sees when images over ``tile`` are cut into tiles (edge tiles down to 16 px)."""
+    if tile is None or side.max <= tile:
+        return side
+    return AxisRange(min(side.min, PIXELS_PER_TOKEN_SIDE), min(side.opt, tile), tile)
+
+
 def axis_ranges(graph: str, budget: Budget, options: PlanOptions, vae_scale: int = 8) -> dict[str, AxisRange]:
     """Named dynamic-axis ranges of ``graph`` in ``budget``.
 
@@ -116,10 +126,10 @@ def axis_ranges(graph: str, budget: Budget, options: PlanOptions, vae_scale: int
             TXT_TOKENS: AxisRange(1, options.opt_text_tokens, MAX_TEXT_TOKENS),
         }
     if graph == VAE_ENCODER:
-        ref = reference_side_range(budget, options.max_aspect)
+        ref = _tiled(reference_side_range(budget, options.max_aspect), options.vae_tile)
         return {BATCH: single, HEIGHT: ref, WIDTH: ref}
     if graph == VAE_DECODER:
-        tgt = target_side_range(budget, options.max_aspect)
+        tgt = _tiled(target_side_range(budget, options.max_aspect), options.vae_tile)
         lat = AxisRange(tgt.min // vae_scale, tgt.opt // vae_scale, tgt.max // vae_scale)
         return {BATCH: single, LATENT_HEIGHT: lat, LATENT_WIDTH: lat}
     raise ManifestError(f"No engine profile rules for graph '{graph}'.", f"plan one of {DIT}, {VAE_ENCODER}, {VAE_DECODER}.")

@@ -10,11 +10,15 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import InputError, ManifestError
 from uniref_deploy.runtime.fileio import sha256_json
 from uniref_deploy.runtime.text import MAX_TEXT_TOKENS
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 PLAN_SCHEMA_VERSION = 2
 ENGINE_DIR = "engines"
@@ -111,6 +115,8 @@ class PlanOptions:
         max_aspect (int, default 8): the widest reference/target aspect (A:1) the VAE profiles cover.
         opt_text_tokens (int, default 256): text length the DiT profiles are tuned for.
         timing_cache (str, default "engines/timing.cache"): timing cache file shared by all builds.
+        vae_tile (int | None, default None): the runtime's VAE tile side in pixels (manifest); VAE profile sides
+            are capped at it. None: untiled, the sides follow the references and targets.
 
     Raises:
         InputError: a value out of range.
@@ -123,6 +129,7 @@ class PlanOptions:
     max_aspect: int = 8
     opt_text_tokens: int = 256
     timing_cache: str = TIMING_CACHE_FILE
+    vae_tile: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.builder_optimization_level <= MAX_OPT_LEVEL:
@@ -201,12 +208,14 @@ class SkippedEngine:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """Every engine to build, the shared timing cache, what was skipped and the options used."""
+    """Every engine to build, the shared timing cache, what was skipped, the options used and, when a GPU size
+    was given, the memory plan (``memory.py``)."""
 
     engines: tuple[EnginePlan, ...]
     timing_cache_file: str = TIMING_CACHE_FILE
     skipped: tuple[SkippedEngine, ...] = ()
     options: PlanOptions = field(default_factory=PlanOptions)
+    memory: MemoryPlan | None = None
 
     def engine(self, name: str) -> EnginePlan:
         for e in self.engines:
@@ -222,6 +231,7 @@ class BuildPlan:
                 "options": dataclasses.asdict(self.options),
                 "engines": [e.to_dict() for e in self.engines],
                 "skipped": [dataclasses.asdict(s) for s in self.skipped],
+                **({"memory": self.memory.to_dict()} if self.memory is not None else {}),
             },
             indent=2,
         )
@@ -233,6 +243,8 @@ class BuildPlan:
         Raises:
             ManifestError: not a build plan, or written by another schema version.
         """
+        from .memory import MemoryPlan
+
         try:
             d = json.loads(text)
             if d.get("schema_version") != PLAN_SCHEMA_VERSION:
@@ -246,6 +258,7 @@ class BuildPlan:
                 timing_cache_file=d["timing_cache_file"],
                 skipped=tuple(SkippedEngine(**s) for s in d.get("skipped", ())),
                 options=PlanOptions(**d.get("options", {})),
+                memory=MemoryPlan.from_dict(d["memory"]) if "memory" in d else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ManifestError(f"Build plan is malformed ({err}).", "re-run `uniref-deploy build --dry-run`.") from err

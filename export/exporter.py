@@ -47,6 +47,7 @@ from uniref_deploy.runtime.manifest import (
 )
 from uniref_deploy.runtime.precision import EXPORT_PRECISIONS, FP16_MAX, VAE_PRECISIONS
 from uniref_deploy.runtime.rope import RopeCache, RopeConfig
+from uniref_deploy.runtime.tiling import DEFAULT_STRIDE, DEFAULT_TILE, TILING_KEY, VaeTiling
 
 from .graph_export import DEFAULT_OPSET, export_graph
 from .lean_rule import choose_lean, exceeds_ram_fraction
@@ -97,6 +98,8 @@ class ExportOptions:
     loras: LoRAs fused into the DiT before export (export/lora.py); recorded (file, sha256, scale) in the stage
         settings, so the skip-on-rerun hash covers them.
     scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
+    vae_tiling: (tile, stride) in pixels of the runtime's tiled VAE, recorded in the manifest's VAE config
+        (``runtime/tiling.py``); it bounds the VAE engine profiles. None: untiled.
     """
 
     budgets: tuple[Budget, ...] = (Budget.from_side(1024),)
@@ -114,6 +117,7 @@ class ExportOptions:
     text_encoder_dtype: str = "auto"
     loras: tuple[LoraSpec, ...] = ()
     scheduler_config: Path | None = None
+    vae_tiling: tuple[int, int] | None = (DEFAULT_TILE, DEFAULT_STRIDE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
@@ -249,6 +253,9 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
     validate_loras(config.transformer, options.loras)
     if options.scheduler_config is not None:
         config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
+    if options.vae_tiling is not None:
+        tiling = VaeTiling(*options.vae_tiling)
+        config = dataclasses.replace(config, vae={**config.vae, TILING_KEY: tiling.to_dict()})
     dtypes = export_dtypes(options.dtypes, lean)
     settings = {**asdict(options), "budgets": [b.pixels for b in options.budgets], "dtypes": list(dtypes),
                 "lean": lean, "loras": [spec.record() for spec in options.loras],

@@ -39,6 +39,7 @@ from .pipeline_classes import pipeline_class as pipeline_class_info
 from .rope import RopeCache, RopeConfig
 from .scheduler import FlowMatchEulerConfig, FlowMatchEulerScheduler
 from .text import CONDITION_IMAGE_AREA, QwenPromptEncoder
+from .tiling import VaeTiling, tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Pipeline:
         self.scheduler_config = FlowMatchEulerConfig.from_dict(config.scheduler)
         self.latents_mean = np.asarray(config.vae["latents_mean"], dtype=np.float32)
         self.latents_std = np.asarray(config.vae["latents_std"], dtype=np.float32)
+        self.vae_tiling = VaeTiling.from_vae_config(config.vae)
         self._vae_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.vae_cache_size = 32
         self.last_times = StageTimes()
@@ -245,7 +247,7 @@ class Pipeline:
         # 9. decode
         t0 = time.perf_counter()
         latent = lat.denormalize(lat.unpack(latents, tgt.latent_h, tgt.latent_w), self.latents_mean, self.latents_std)
-        decoded = self.backends[VAE_DECODER].infer({"latent": latent})["image"]
+        decoded = self._vae(VAE_DECODER, latent)
         out = from_model_output(np.clip(decoded, -1.0, 1.0))
         times.vae_decode = time.perf_counter() - t0
         times.total = time.perf_counter() - t_start
@@ -363,12 +365,25 @@ class Pipeline:
         mask = np.ones(embeds.shape[:2], dtype=bool) if mask is None else np.asarray(mask).astype(bool).reshape(embeds.shape[:2])
         return trim_text_padding(embeds, mask)
 
+    def _vae(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Run the VAE encoder (image -> latent) or decoder (latent -> image), in tiles when the manifest says so."""
+        key, out = ("image", "latent") if name == VAE_ENCODER else ("latent", "image")
+        backend = self.backends[name]
+
+        def run(t: np.ndarray) -> np.ndarray:
+            return backend.infer({key: t})[out]
+
+        if self.vae_tiling is None:
+            return run(x)
+        tiled = tiled_encode if name == VAE_ENCODER else tiled_decode
+        return tiled(run, x, self.vae_tiling, self.config.vae_scale_factor)
+
     def _encode_reference(self, img: Image.Image, width: int, height: int) -> np.ndarray:
         key = hashlib.sha256(img.tobytes() + f"{img.size}->{width}x{height}".encode()).hexdigest()
         if key in self._vae_cache:
             self._vae_cache.move_to_end(key)
             return self._vae_cache[key]
-        latent = self.backends[VAE_ENCODER].infer({"image": to_model_input(img, width, height)})["latent"]
+        latent = self._vae(VAE_ENCODER, to_model_input(img, width, height))
         tokens = lat.pack(lat.normalize(latent, self.latents_mean, self.latents_std))
         self._vae_cache[key] = tokens
         if len(self._vae_cache) > self.vae_cache_size:

@@ -35,9 +35,11 @@ class QuantizeActivationsFP8(GraphPass):
 
     name = "fp8_activations"
 
-    def __init__(self, targets: Iterable[tuple[str, int]], ranges: Mapping[str, float]):
+    def __init__(self, targets: Iterable[tuple[str, int]], ranges: Mapping[str, float],
+                 dtypes: Mapping[str, np.dtype] | None = None):
         self.targets = tuple(targets)
         self.ranges = dict(ranges)
+        self.dtypes = dict(dtypes or {})  # tensor -> its type (fp16 in the fp16 graph); float32 when absent
 
     def apply(self, model: onnx.ModelProto) -> int:
         graph = model.graph
@@ -56,7 +58,7 @@ class QuantizeActivationsFP8(GraphPass):
                 s_name, z_name = names(f"{tensor}_act_scale"), names(f"{tensor}_act_zp")
                 q_out, dq_out = names(f"{tensor}_q"), names(f"{tensor}_dq")
                 graph.initializer.extend([
-                    numpy_helper.from_array(np.asarray(scale, np.float32), s_name),
+                    numpy_helper.from_array(np.asarray(scale, self.dtypes.get(tensor, np.float32)), s_name),
                     onnx.helper.make_tensor(z_name, onnx.TensorProto.FLOAT8E4M3FN, [], [0]),
                 ])
                 inserted.setdefault(node.name, []).extend([

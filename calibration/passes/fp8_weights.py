@@ -22,8 +22,12 @@ def fp8_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]
     return q, scale
 
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
 class QuantizeWeightsFP8(GraphPass):
-    """Replace the fp32 weight initializer of each named MatMul/Gemm with float8 E4M3 + DequantizeLinear.
+    """Replace the fp32 (or fp16) weight initializer of each named MatMul/Gemm with float8 E4M3 +
+    DequantizeLinear; the scale keeps the weight's type, so an fp16 graph stays fp16 around the GEMM.
 
     Before::
 
@@ -53,7 +57,7 @@ class QuantizeWeightsFP8(GraphPass):
         by_name, inits = node_map(graph), initializer_map(graph)
         targets = [by_name[n] for n in self.nodes if n in by_name]
         targets = [n for n in targets if len(n.input) > 1 and n.input[1] in inits
-                   and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT and len(inits[n.input[1]].dims) == 2]
+                   and inits[n.input[1]].data_type in FLOAT_TYPES and len(inits[n.input[1]].dims) == 2]
         if not targets:
             return 0
         names = NameGen(graph)
@@ -63,7 +67,9 @@ class QuantizeWeightsFP8(GraphPass):
             w_name = node.input[1]
             if w_name not in done:
                 axis = weight_axis(node) if self.per_channel else None
-                q, scale = fp8_weight(numpy_helper.to_array(inits[w_name]), axis)
+                w = numpy_helper.to_array(inits[w_name])
+                q, scale = fp8_weight(w.astype(np.float32), axis)
+                scale = scale.astype(w.dtype)  # DequantizeLinear yields the scale's type: keep the graph's
                 q_name, s_name, out = names(f"{w_name}_fp8"), names(f"{w_name}_scale"), names(f"{w_name}_dq")
                 graph.initializer.remove(inits[w_name])
                 graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])

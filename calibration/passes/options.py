@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from uniref_deploy.export.graph_pass import GraphPass
 
 from .fp8_activations import QuantizeActivationsFP8
@@ -31,14 +33,15 @@ class PassOptions:
 
 
 def fp8_passes(options: PassOptions, layers: Sequence[str], activation_targets: Sequence[tuple[str, int]],
-               attention_targets: Sequence[tuple[str, int]], ranges: Mapping[str, float]) -> list[GraphPass]:
+               attention_targets: Sequence[tuple[str, int]], ranges: Mapping[str, float],
+               dtypes: Mapping[str, np.dtype] | None = None) -> list[GraphPass]:
     """The passes in order: opset, weights, activations (+ attention), fp16 storage of the rest."""
     passes: list[GraphPass] = [UpgradeOpset(options.opset), QuantizeWeightsFP8(layers, options.per_channel)]
     targets = list(activation_targets) if options.fp8_activations else []
     if options.fp8_attention:
         targets += list(attention_targets)
     if targets:
-        passes.append(QuantizeActivationsFP8(targets, ranges))
+        passes.append(QuantizeActivationsFP8(targets, ranges, dtypes))
     if options.fp16_storage:
         passes.append(StoreWeightsFP16())
     return passes

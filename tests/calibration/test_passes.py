@@ -136,3 +136,40 @@ def test_pass_sequence_end_to_end(attention):
     onnx.checker.check_model(model, full_check=True)
     out = _run(model, _x())
     assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) > 0.98
+
+
+def _fp16_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as the fp16 export stores it: fp16 weights and tensors, fp32 graph I/O behind Casts."""
+    g = model.graph
+    for t in list(g.initializer):
+        g.initializer.remove(t)
+        g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    g.node.insert(0, helper.make_node("Cast", ["x"], ["x16"], name="in_cast", to=TensorProto.FLOAT16))
+    for n in g.node[1:]:
+        n.input[:] = ["x16" if i == "x" else i for i in n.input]
+        n.output[:] = ["y16" if o == "y" else o for o in n.output]
+    g.node.append(helper.make_node("Cast", ["y16"], ["y"], name="out_cast", to=TensorProto.FLOAT))
+    return model
+
+
+def test_fp8_from_the_fp16_graph_keeps_fp16_around_the_gemms():
+    from uniref_deploy.calibration.ranges import collect_absmax, tensor_types
+
+    model = _fp16_graph(_linear_graph())
+    layers = find_layers(model)
+    assert [ly.node for ly in layers] == ["mm1", "mm2"]  # fp16 weights are layers too
+    ref = _run(model, _x())
+    ranges = collect_absmax(model, ["x16"], [{"x": _x()}])  # an fp16 tensor observed at its own type
+    assert ranges["x16"] == pytest.approx(float(np.abs(_x().astype(np.float16)).max()))
+    types = tensor_types(model)
+    dtypes = {"x16": onnx.helper.tensor_dtype_to_np_dtype(types["x16"])}
+    assert dtypes["x16"] == np.float16
+    for p in fp8_passes(PassOptions(), ["mm1"], [("mm1", 0)], [], ranges, dtypes):
+        p(model)
+    onnx.checker.check_model(model, full_check=True)
+    scales = [t for t in model.graph.initializer if "scale" in t.name]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+    # no fp32 math was introduced: the only float casts are the graph's own I/O casts
+    assert [n.name for n in model.graph.node if n.op_type == "Cast"] == ["in_cast", "out_cast"]
+    out = _run(model, _x())
+    assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) > 0.98

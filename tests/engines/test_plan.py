@@ -484,3 +484,22 @@ def test_parse_bytes():
     assert _parse_bytes("8G") == 8 << 30 and _parse_bytes("512m") == 512 << 20 and _parse_bytes("100") == 100
     with pytest.raises(InputError):
         _parse_bytes("lots")
+
+
+def test_vae_profiles_are_bounded_by_the_manifest_tile():
+    import dataclasses
+
+    from uniref_deploy.runtime.tiling import VaeTiling
+
+    manifest = _manifest(budgets=(1024, 1536, 2048))
+    untiled = make_plan(manifest, (1024, 1536, 2048))
+    tiled_model = dataclasses.replace(manifest.model, vae={**manifest.model.vae, "tiling": VaeTiling().to_dict()})
+    tiled = make_plan(dataclasses.replace(manifest, model=tiled_model), (1024, 1536, 2048))
+    for name in ("vae_encoder.fp32", "vae_decoder.fp16"):
+        before = [dict(p.axes) for p in untiled.engine(name).profiles]
+        after = [dict(p.axes) for p in tiled.engine(name).profiles]
+        assert max(r.max for axes in before for r in axes.values()) > 2048 // 8  # untiled: the aspect decides
+        for axes in after:
+            sides = [r for k, r in axes.items() if k != "batch"]
+            scale = 8 if name.startswith("vae_decoder") else 1
+            assert all(r.max * scale <= VaeTiling().tile and r.min * scale <= 16 for r in sides)

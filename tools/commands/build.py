@@ -38,9 +38,11 @@ def _parse_bytes(text: str | None) -> int | None:
 @click.option("--refittable", is_flag=True, help="Build refittable engines.")
 @click.option("--force", is_flag=True, help="Rebuild engines even when up to date.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and polygraphy commands; write engines/plan.json.")
+@click.option("--gpu-memory", type=float, default=None,
+              help="With --dry-run: GPU memory in GiB; print the memory plan per engine and profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the built engines) as JSON.")
 def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget, refittable, force, dry_run,
-            as_json) -> None:
+            gpu_memory, as_json) -> None:
     """Build one TensorRT engine per (graph x precision), one profile per bucket, for the artifacts in ART_DIR."""
     from uniref_deploy.engines.plan import PRECISIONS, PlanOptions, make_plan, save_plan
     from uniref_deploy.engines.render import format_table, polygraphy_commands
@@ -54,12 +56,20 @@ def command(art_dir, budgets, precision_list, opt_level, weight_streaming_budget
     options = PlanOptions(builder_optimization_level=opt_level, refittable=refittable,
                           weight_streaming_budget=_parse_bytes(weight_streaming_budget))
     plan = make_plan(manifest, chosen, parse_list(precision_list, PRECISIONS, "--precision"), options)
+    if gpu_memory is not None:
+        if not dry_run:
+            raise InputError("--gpu-memory plans memory only with --dry-run.", "add --dry-run.")
+        from uniref_deploy.engines.memory import format_memory, memory_plan
+
+        plan = dataclasses.replace(plan, memory=memory_plan(plan, manifest.model, art_dir, gpu_memory))
     if dry_run:
         save_plan(plan, art_dir)
         if as_json:
             click.echo(plan.to_json())
             return
         click.echo(format_table(plan))
+        if plan.memory is not None:
+            click.echo("\n" + format_memory(plan.memory))
         click.echo("\npolygraphy commands:")
         for line in polygraphy_commands(plan, art_dir):
             click.echo(line)
