@@ -24,14 +24,13 @@ from uniref_deploy.engines.memory import (
 from uniref_deploy.engines.plan import make_plan
 from uniref_deploy.engines.ranges import axis_ranges
 from uniref_deploy.engines.records import PLAN_FILE, BuildPlan, PlanOptions
-from uniref_deploy.runtime.budget import Budget
+from uniref_deploy.runtime.budget import TRAINED_SIDES, Budget
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER, graph_io
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, ModelConfig
-from uniref_deploy.runtime.packing import BUDGETS
 from uniref_deploy.tools.cli import main
 
-SIDES = tuple(BUDGETS)
+SIDES = TRAINED_SIDES
 CHANNELS = 96  # full-resolution channels of the synthetic VAE graphs
 
 
