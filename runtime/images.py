@@ -175,16 +175,21 @@ def check_output_path(path: str | os.PathLike) -> str:
     """Check, before any compute, that an image can be written at ``path``; returns its PIL format.
 
     Raises:
-        InputError: unknown extension, a folder at ``path``, or a parent that is missing, a file or not writable.
+        InputError: unknown extension, a folder at ``path``, or a parent that is a file, cannot be created or is not
+            writable (a missing parent folder is created).
     """
     fmt = output_format(path)
     out = Path(path)
     parent = out.parent
     if out.is_dir():
         raise InputError(f"Output '{out}' is a folder.", "pass a file name such as out.png.")
-    if not parent.is_dir():
-        what = "is a file" if parent.exists() else "does not exist"
-        raise InputError(f"The output folder '{parent}' {what}.", "create the folder or pick another path.")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"The output folder '{parent}' is a file.", "pick another path.")
+    try:  # a missing output folder is created, as `-o results/out.png` expects
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"Cannot create the output folder '{parent}': {err.strerror or err}.",
+                         "pick another path.") from None
     try:  # a real write probe: access() says yes to root on read-only mounts
         with tempfile.NamedTemporaryFile(dir=parent, prefix=temp_name(out.name), suffix=".probe"):
             pass

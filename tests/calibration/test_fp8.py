@@ -113,4 +113,5 @@ def test_cli_bad_input_exits_2(calibrated, args, capsys):
 
 def test_cli_missing_artifacts_exits_2(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "none")]) == 2
-    assert "manifest.json" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an artifact folder" in err[0]

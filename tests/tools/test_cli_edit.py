@@ -248,8 +248,8 @@ def test_edit_accepts_a_preset_name(tmp_path, monkeypatch, capsys):
     assert (built / "model_index.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
-@pytest.mark.parametrize("target", ["blocker/x.png", "missing/x.png", "x.tiff2", "x"],
-                         ids=["parent-is-a-file", "missing-parent", "unknown-extension", "no-extension"])
+@pytest.mark.parametrize("target", ["blocker/x.png", "blocker/sub/x.png", "x.tiff2", "x"],
+                         ids=["parent-is-a-file", "ancestor-is-a-file", "unknown-extension", "no-extension"])
 def test_bad_output_path_exits_2_before_any_model(tiny_model_dir, inputs, out_dir, capsys, monkeypatch, target):
     """The output path is checked first: no model is loaded for a path that cannot be written."""
     (out_dir / "blocker").write_text("x")
