@@ -19,15 +19,15 @@ from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest
+from uniref_deploy.runtime.precision import PRECISIONS, VAE_PRECISIONS
 from uniref_deploy.runtime.tiling import VaeTiling
 
 from .ranges import axis_ranges, make_profile
 from .records import ENGINE_DIR, PLAN_FILE, BuildPlan, EnginePlan, PlanOptions, SkippedEngine
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-VAE_PRECISIONS = ("fp16", "fp32")  # preference order for the VAE engines
+VAE_ENGINE_PREFERENCE = tuple(sorted(VAE_PRECISIONS, key=lambda p: p != "fp16"))  # fp16 first, then fp32
 
-__all__ = ["PRECISIONS", "VAE_PRECISIONS", "PlanOptions", "engine_file", "make_plan", "plan_budgets", "save_plan"]
+__all__ = ["PRECISIONS", "VAE_ENGINE_PREFERENCE", "PlanOptions", "engine_file", "make_plan", "plan_budgets", "save_plan"]
 
 
 def engine_file(graph: str, precision: str) -> str:
@@ -124,7 +124,7 @@ def make_plan(manifest: Manifest, budgets: Sequence[Budget | int], precisions: S
         else:
             skipped.append(SkippedEngine(DIT, p, _missing_dit_reason(p)))
     for name in (VAE_ENCODER, VAE_DECODER):
-        vae_p = next((q for q in VAE_PRECISIONS if manifest.has_graph(name, q)), None)
+        vae_p = next((q for q in VAE_ENGINE_PREFERENCE if manifest.has_graph(name, q)), None)
         if vae_p is None:
             skipped.append(SkippedEngine(name, "fp16", f"the manifest has no {name} graph (fp16 or fp32)"))
         else:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from uniref_deploy.runtime.artifacts import ENGINE_DIR, ENGINE_PLAN
 from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import InputError, ManifestError
 from uniref_deploy.runtime.fileio import sha256_json
@@ -21,8 +22,7 @@ if TYPE_CHECKING:
     from .memory import MemoryPlan
 
 PLAN_SCHEMA_VERSION = 2
-ENGINE_DIR = "engines"
-PLAN_FILE = f"{ENGINE_DIR}/plan.json"
+PLAN_FILE = ENGINE_PLAN
 TIMING_CACHE_FILE = f"{ENGINE_DIR}/timing.cache"
 MAX_OPT_LEVEL = 5
 

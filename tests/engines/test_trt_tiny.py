@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uniref_deploy.engines.plan import VAE_PRECISIONS
+from uniref_deploy.engines.plan import VAE_ENGINE_PREFERENCE
 from uniref_deploy.engines.ranges import axis_ranges, make_profile
 from uniref_deploy.engines.records import BuildPlan, EnginePlan, PlanOptions
 from uniref_deploy.runtime.budget import Budget
@@ -46,7 +46,7 @@ def engines(fake_trt_module, tiny_artifacts, tmp_path_factory):
     precision = "fp16" if manifest.has_graph("dit", "fp16") else "fp32"
     plan = [_engine(manifest, "dit", precision)]
     for name in ("vae_encoder", "vae_decoder"):
-        plan.append(_engine(manifest, name, next(p for p in VAE_PRECISIONS if manifest.has_graph(name, p))))
+        plan.append(_engine(manifest, name, next(p for p in VAE_ENGINE_PREFERENCE if manifest.has_graph(name, p))))
     return art, build_engines(art, BuildPlan(tuple(plan))), precision
 
 
