@@ -111,9 +111,11 @@ def test_condition_resize_never_has_a_zero_side():
 def test_output_format_follows_the_extension(tmp_path):
     assert [output_format(f"x{e}") for e in (".png", ".JPG", ".jpeg", ".webp")] == ["PNG", "JPEG", "JPEG", "WEBP"]
     (tmp_path / "file").write_text("x")
-    for bad in ("out.tiff2", "out", str(tmp_path / "file" / "o.png"), str(tmp_path / "no" / "o.png"), str(tmp_path)):
+    for bad in ("out.tiff2", "out", str(tmp_path / "file" / "o.png"), str(tmp_path / "file" / "sub" / "o.png"),
+                str(tmp_path)):
         with pytest.raises(InputError):
             check_output_path(bad)
+    assert check_output_path(tmp_path / "new" / "o.png") == "PNG" and (tmp_path / "new").is_dir()  # created
 
 
 # ---- only UnirefError escapes ------------------------------------------------------------------------------------
