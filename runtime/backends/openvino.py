@@ -18,9 +18,8 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import BackendError, InputError, ManifestError
-from ..fileio import sha256_file
 from ..graphs import DIT, GRAPH_NAMES
-from ..manifest import GraphSpec, Manifest, ModelConfig
+from ..manifest import GraphSpec, Manifest, ModelConfig, verify_graph
 from .base import Backend
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class OpenVinoBackend(Backend):
         if inference_precision not in INFERENCE_HINTS:
             raise InputError(f"OpenVINO inference precision '{inference_precision}' is not supported.",
                              f"use one of {', '.join(INFERENCE_HINTS)}.")
-        self.graph, self.path = graph, Path(art_dir) / graph.file
+        self.graph, self.art_dir, self.path = graph, Path(art_dir), Path(art_dir) / graph.file
         self.inference_precision, self.threads, self.verify, self.device = inference_precision, threads, verify, device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.compiled: Any = None  # openvino.CompiledModel once active
@@ -82,11 +81,8 @@ class OpenVinoBackend(Backend):
         ov = _ov()
         if not self.path.is_file():
             raise ManifestError(f"Graph file '{self.path}' is missing.", "re-run `uniref-deploy export`.")
-        if self.verify and sha256_file(self.path) != self.graph.sha256:
-            raise ManifestError(
-                f"Graph file '{self.path}' does not match the manifest's sha256 (damaged or replaced).",
-                "re-run `uniref-deploy export` to regenerate it.",
-            )
+        if self.verify:
+            verify_graph(self.art_dir, self.graph)  # the graph and its external data (streamed)
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -133,12 +129,15 @@ class OpenVinoBackendFactory:
                              f"use one of {', '.join(PRECISIONS)}, or none for the measured choice per graph.")
         art_dir = Path(art_dir)
         manifest = manifest or Manifest.load(art_dir)
+        graphs = {name: manifest.graph(name, "int8" if (name == DIT and precision == "int8") else "fp32")
+                  for name in GRAPH_NAMES}
+        if verify:  # every graph and its external data at load, before the precision probe runs any of them
+            for graph in graphs.values():
+                verify_graph(art_dir, graph)
         cache_dir = _cache_dir(art_dir) if cache else None
         hints = graph_precisions(manifest, art_dir, precision, threads=threads, device=device, cache_dir=cache_dir)
         backends: dict[str, Backend] = {}
-        for name in GRAPH_NAMES:
-            graph_precision = "int8" if (name == DIT and precision == "int8") else "fp32"
-            graph = manifest.graph(name, graph_precision)
+        for name, graph in graphs.items():
             backends[name] = OpenVinoBackend(graph, art_dir, hints[name], threads=threads, cache_dir=cache_dir,
                                              verify=verify, device=device)
         return backends
