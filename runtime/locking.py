@@ -61,9 +61,11 @@ def writable_folder(art_dir: str | os.PathLike, create: bool = True) -> Path:
 
 
 @contextmanager
-def artifact_lock(art_dir: str | os.PathLike, stage: str, create: bool = False) -> Iterator[Path]:
+def artifact_lock(art_dir: str | os.PathLike, stage: str, create: bool = False,
+                  cleanup: bool = True) -> Iterator[Path]:
     """Hold the write lock of ``art_dir`` for ``stage``; yields the folder. With ``create`` (export) a missing
-    folder is made, and removed again if the stage leaves it empty.
+    folder is made, and removed again if the stage leaves it empty. ``cleanup`` removes stale temporary files on
+    entry and exit (off for a runtime that only adds a record to the manifest: it leaves the folder as it was).
 
     Raises:
         ArtifactLockedError: another process holds the lock.
@@ -101,11 +103,13 @@ def artifact_lock(art_dir: str | os.PathLike, stage: str, create: bool = False) 
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "stage": stage}).encode(), 0)
         _held[key] = 1
         try:
-            remove_stale_temp(root)
+            if cleanup:
+                remove_stale_temp(root)
             yield root
         finally:
             del _held[key]
-            remove_stale_temp(root)
+            if cleanup:
+                remove_stale_temp(root)
             os.ftruncate(fd, 0)
             if created and [p.name for p in root.iterdir()] == [LOCK_NAME]:  # a stage that wrote nothing
                 path.unlink()

@@ -129,7 +129,7 @@ def _save_record(art_dir: str | Path, record: StageRecord) -> None:
     from ..locking import artifact_lock
 
     try:
-        with artifact_lock(art_dir, "openvino-precision"):
+        with artifact_lock(art_dir, "openvino-precision", cleanup=False):
             Manifest.load(art_dir).with_stage(record).save(art_dir)
     except (OSError, UnirefError) as err:
         logger.warning("cannot record the OpenVINO precision choice in %s (%s); it is measured again next start",
