@@ -77,7 +77,7 @@ def check_build_environment() -> str | None:
     """
     if not is_available("tensorrt"):
         return ("TensorRT is not installed (the Python package 'tensorrt' cannot be imported); building engines "
-                "needs an NVIDIA GPU with TensorRT: pip install 'uniref-deploy[gpu]' from NVIDIA's package index")
+                "needs an NVIDIA GPU with TensorRT: pip install 'uniref-deploy[gpu]' (CUDA 12) or '[gpu-cu13]'")
     return _gpu_problem()
 
 
