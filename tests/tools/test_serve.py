@@ -201,7 +201,7 @@ def _bad(name: str):
     if name == "too-many-references":
         return [good] * 4, {}, "4 reference images, over this server's limit of 3"
     if name == "uncompiled-budget":
-        return [good], {"budget": 1536}, "Budget 1536 was not compiled"
+        return [good], {"budget": 1536}, "Budget 1536 exceeds the largest budget compiled"
     if name == "over-size-limit":  # garbage: a size check after decoding would report a decode error instead
         return [os.urandom(MAX_REQUEST_MB * 2**20 + 1)], {}, f"over this server's limit of {MAX_REQUEST_MB} MB"
     if name == "unknown-policy":
