@@ -50,6 +50,8 @@ from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 from uniref_deploy.runtime.tiling import DEFAULT_STRIDE, DEFAULT_TILE, TILING_KEY, VaeTiling
 
 from .graph_export import DEFAULT_OPSET, export_graph
+from .lean import transformer_dir
+from .lean_lora import LEAN_SOURCE_FILE, streamed_deltas, write_lean_lora_index
 from .lean_rule import choose_lean, exceeds_ram_fraction
 from .lora import LoraSpec, fuse_loras, save_lora_base, validate_loras
 from .lora_swap import write_lora_index
@@ -181,6 +183,8 @@ class _Run:
     lint: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     lora_base: dict = field(default_factory=dict)  # un-fused weights of the layers a LoRA touched
+    lora_deltas: dict = field(default_factory=dict)  # lean: checkpoint key -> [(A, B, scale)], read once in _plan
+    lean_keys: dict = field(default_factory=dict)  # lean: graph file -> {initializer: checkpoint key}
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -247,10 +251,9 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
     lean = choose_lean(model_dir, options.lean, say)
-    if lean and options.loras:
-        raise InputError("LoRA fusion is not supported by the lean (streamed) export yet.",
-                         "pass --no-lean, or fuse the LoRA into the checkpoint first.")
-    validate_loras(config.transformer, options.loras)
+    deltas = streamed_deltas(config.transformer, options.loras) if lean else {}
+    if not lean:
+        validate_loras(config.transformer, options.loras)
     if options.scheduler_config is not None:
         config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
     if options.vae_tiling is not None:
@@ -263,7 +266,8 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
     return _Run(model_dir, art, options, say, config, lean, dtypes, settings, versions, inputs_hash,
-                _existing(art, config), RopeCache(RopeConfig.from_transformer_config(config.transformer)))
+                _existing(art, config), RopeCache(RopeConfig.from_transformer_config(config.transformer)),
+                lora_deltas=deltas)
 
 
 def _unchanged(run: _Run) -> bool:
@@ -287,7 +291,7 @@ def _load_references(run: _Run) -> None:
     if run.lean:
         from .lean_reference import streamed_dit
 
-        dit = streamed_dit(run.model_dir, run.config)
+        dit = streamed_dit(run.model_dir, run.config, run.lora_deltas)
     else:
         transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(run.model_dir / "transformer",
                                                                             torch_dtype=torch.float32).eval()
@@ -393,8 +397,11 @@ def _write_lean_dit(run: _Run, precision: str, keep_fp32: list[str], path: Path)
     from .lean import export_dit_lean
 
     stats = export_dit_lean(run.model_dir, path, run.config, dtype=precision, progress=run.say, keep_fp32=keep_fp32,
-                            opset=run.options.opset, consume_shards=run.options.consume_shards)
-    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "peak_rss_bytes")
+                            opset=run.options.opset, consume_shards=run.options.consume_shards,
+                            deltas=run.lora_deltas)
+    run.lean_keys[str(path.relative_to(run.art))] = stats["initializer_keys"]
+    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "lora_layers",
+                                           "peak_rss_bytes")
                      if k in stats}}
 
 
@@ -444,10 +451,12 @@ def _twin_smoke(run: _Run, job: GraphJob) -> dict:
             f"{layers}-block twin exported the same way")
     run.art.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smoke-twin.", dir=run.art))
+    deltas = {k: v for k, v in run.lora_deltas.items() if _within_blocks(k, layers)}
     try:
         export_dit_lean(run.model_dir, tmp / "dit.onnx", twin, dtype=job.precision, opset=run.options.opset,
-                        keep_fp32=[k for k in job.info.get("fp32_layers", ()) if _within_blocks(k, layers)])
-        twin_job = dataclasses.replace(job, reference=streamed_dit(run.model_dir, twin), samples=[])
+                        keep_fp32=[k for k in job.info.get("fp32_layers", ()) if _within_blocks(k, layers)],
+                        deltas=deltas)
+        twin_job = dataclasses.replace(job, reference=streamed_dit(run.model_dir, twin, deltas), samples=[])
         out = _validations(run, twin_job, tmp / "dit.onnx", [s.name for s in graph_io(DIT, twin)[0]],
                            graph=f"{job.name} ({layers}-block twin)")
     finally:
@@ -506,13 +515,18 @@ def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
     save_lora_base(run.art, run.lora_base)
-    if not run.lean:
+    if run.lean:
+        write_lean_lora_index(run.art, run.config.transformer, run.lean_keys, transformer_dir(run.model_dir),
+                              run.lora_deltas, consumed=run.options.consume_shards)
+    else:
         write_lora_index(run.art, run.references[DIT], sorted(  # fp32 first: swaps read base weights from it
             (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"
              and (run.art / g.file).is_file()), key=lambda f: f != graph_file(DIT, "fp32")))
     run.manifest = staging.commit(run.manifest)
     if not run.lora_base:
         save_lora_base(live, {})  # no LoRA fused now: a base file of an earlier export is stale
+    if not run.lean:
+        (live / LEAN_SOURCE_FILE).unlink(missing_ok=True)  # from an earlier lean export
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
                           f"see {live / VALIDATION_REPORT}; run with -vv for the export trace.")

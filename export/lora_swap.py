@@ -26,7 +26,7 @@ from uniref_deploy.runtime.graphs import DIT
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import ORT_VARIANT, Manifest, StageRecord
 
-from .lora import BASE_FILE, LoraSpec, lora_pairs, read_checked, save_lora_base
+from .lora import BASE_FILE, LoraSpec, fused_weight, lora_pairs, read_checked, save_lora_base
 
 INDEX_FILE = "lora/index.json"
 NP_DTYPES = {1: np.float32, 10: np.float16}  # ONNX TensorProto FLOAT, FLOAT16
@@ -127,12 +127,8 @@ def _fused(base: np.ndarray, loras: list) -> np.ndarray:
     """base + scale·(B·A) per LoRA in order, in float32 torch math as PEFT's merge does."""
     import torch
 
-    w = torch.from_numpy(np.array(base, dtype=np.float32))
-    for spec, pair in loras:
-        if pair is not None:
-            a, b = pair
-            w += (b.float() @ a.float()) * spec.scale
-    return w.numpy()
+    deltas = [(pair[0], pair[1], spec.scale) for spec, pair in loras if pair is not None]
+    return fused_weight(torch.from_numpy(np.array(base, dtype=np.float32)), deltas).numpy()
 
 
 def _rewrite(path: Path, values: dict[str, tuple[np.ndarray, bool]]) -> None:
