@@ -286,9 +286,9 @@ def stream_tensors(plan: list[tuple[str, SafetensorsEntry, int]], data_path: Pat
     return locations
 
 
-def _read_exactly(src, entry: SafetensorsEntry) -> bytes:
-    raw = src.read(entry.nbytes)
-    if len(raw) != entry.nbytes:
+def _read_exactly(src, entry: SafetensorsEntry) -> bytearray:
+    raw = bytearray(entry.nbytes)
+    if src.readinto(raw) != entry.nbytes:
         raise ExportError(f"'{entry.file.name}' is truncated at tensor '{entry.key}'.")
     return raw
 
@@ -350,7 +350,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
     if deltas is None:
         deltas = streamed_deltas(transformer_config, loras)
     if deltas:
-        say(f"lean export: {len(loras)} LoRA(s) read; {len(deltas)} layer(s) are fused while streaming")
+        say(f"lean export: LoRA deltas for {len(deltas)} layer(s), fused while streaming")
 
     say("lean export: building the DiT on the meta device and tracing it")
     module, param_keys = build_meta_dit(transformer_config, dtype, keep_fp32)

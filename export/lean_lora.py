@@ -52,12 +52,12 @@ def streamed_deltas(transformer_config: dict, specs: Sequence[LoraSpec]) -> Delt
     return out
 
 
-def fuse_bytes(raw: bytes, src: str, shape: tuple[int, ...], dst: int,
-               deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> bytes:
+def fuse_bytes(raw: bytes | bytearray, src: str, shape: tuple[int, ...], dst: int,
+               deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> memoryview:
     """The bytes of one fused weight: ``raw`` (safetensors dtype ``src``) + its deltas, cast to ONNX type ``dst``."""
-    weight = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[src]).reshape(shape)
-    fused = fused_weight(weight, deltas).to(ONNX_TORCH[dst]).contiguous()
-    return fused.reshape(-1).view(torch.uint8).numpy().tobytes()
+    weight = torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw), dtype=TORCH_DTYPES[src])
+    fused = fused_weight(weight.reshape(shape), deltas).to(ONNX_TORCH[dst]).contiguous()
+    return memoryview(fused.reshape(-1).view(torch.uint8).numpy())
 
 
 def module_index(plan_keys: Mapping[str, str], shapes: Mapping[str, tuple[int, int]]) -> dict[str, list]:

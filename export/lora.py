@@ -104,7 +104,7 @@ def fused_weight(weight, deltas: Sequence[tuple]):
     torch math as PEFT's merge computes it; a new float32 tensor."""
     import torch
 
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32, copy=True)
     for a, b, scale in deltas:
         w += (b.float() @ a.float()) * scale
     return w
