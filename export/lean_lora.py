@@ -84,5 +84,17 @@ def write_lean_lora_index(art: Path, transformer_config: dict, graph_keys: Mappi
     index = {rel: module_index(keys, shapes) for rel, keys in sorted(graph_keys.items(), key=lambda kv: kv[0])}
     atomic_write_text(art / "lora" / "index.json", json.dumps(index, indent=1))
     fused = sorted(k.removesuffix(".weight") for k in deltas)
-    atomic_write_text(art / LEAN_SOURCE_FILE, json.dumps(
-        {"checkpoint": str(Path(checkpoint).resolve()), "consumed": bool(consumed), "fused": fused}, indent=1))
+    write_lean_source(art, {"checkpoint": str(Path(checkpoint).resolve()), "consumed": bool(consumed),
+                            "shards": {} if consumed else shard_fingerprint(checkpoint), "fused": fused})
+
+
+def write_lean_source(art: Path, source: Mapping) -> None:
+    from uniref_deploy.runtime.fileio import atomic_write_text
+
+    atomic_write_text(Path(art) / LEAN_SOURCE_FILE, json.dumps(dict(source), indent=1))
+
+
+def shard_fingerprint(checkpoint: Path) -> dict[str, list[int]]:
+    """{shard name: [size, mtime_ns]} of a transformer folder's safetensors files: a swap reads base weights from
+    them only when they are the files the export streamed."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(checkpoint).glob("*.safetensors"))}

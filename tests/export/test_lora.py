@@ -258,3 +258,24 @@ def test_lean_lora_export_equals_the_regular_one(consume, factors, lora_dir, tin
     assert diff <= 1e-6, f"lean edit differs from the regular export's by {diff:.3g}"
     record = next(s for s in json.loads((lean / "manifest.json").read_text())["stages"] if s["stage"] == "export")
     assert record["settings"]["lean"] and record["settings"]["loras"][0]["scale"] == SCALE
+
+    # `uniref-deploy lora` on the lean artifact: bases from the checkpoint (gone when the shards were consumed)
+    second = write_lora(lora_factors(QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer"),
+                                     seed=7, strength=3.0), lora_dir / "lean-second.safetensors", "peft")
+    if consume:
+        snapshot = _snapshot(lean)
+        assert main(["lora", str(lean), "--lora", f"{second}:0.5"]) == 2
+        assert _snapshot(lean) == snapshot, "a refused swap changed the artifact"
+        return
+    assert main(["lora", str(lean), "--lora", f"{second}:0.5"]) == 0
+    fresh = tmp_path / "fresh"
+    assert main(["export", str(model), "--out", str(fresh), *EXPORT_FLAGS, "--lora", f"{second}:0.5"]) == 0
+    got, want = _dit_weights(lean), _dit_weights(fresh)
+    different = [m for m in want if not np.array_equal(got[m], want[m])]
+    assert not different, f"swapped lean weights differ from a fresh export's in {different[:3]}"
+    from uniref_deploy.runtime.manifest import Manifest
+
+    Manifest.load(lean).verify_files(lean)  # hashes were updated
+    assert main(["lora", str(lean), "--clear"]) == 0
+    got = _dit_weights(lean)
+    assert all(np.array_equal(got[m], base[m]) for m in got), "--clear did not restore the checkpoint's weights"
