@@ -4,9 +4,10 @@ Export writes ``lora/index.json`` (module -> initializer name and layout in each
 content) and ``lora/base.safetensors`` (the un-fused weights of the layers the fused LoRAs touch). A swap
 recomputes only the affected initializers as base + Σ scale·(B·A) in the order diffusers' ``fuse_lora`` applies
 them, rewrites the graphs atomically and updates their hashes. Derived artifacts: the ONNX Runtime-fused DiT is
-rebuilt from the swapped portable graph (its fusions are structural); TensorRT engines of the DiT and DiT graphs
-outside the index (FP8, bf16) are dropped from the manifest as stale (rebuild with ``build`` / ``calibrate`` /
-``export``). The files stay on disk until then. A lean export has no base file and its graphs may be too large to
+rebuilt from the swapped portable graph (its fusions are structural); refittable TensorRT engines of a swapped
+graph are refitted where TensorRT runs (engines/refit.py); other DiT engines and the DiT graphs outside the index
+(FP8, bf16) are dropped from the manifest as stale (rebuild with ``build`` / ``calibrate`` / ``export``). The files
+stay on disk until then. A lean export has no base file and its graphs may be too large to
 load: its swap patches the external data layer by layer with bases read from the checkpoint (export/lean_swap.py).
 """
 
