@@ -22,7 +22,9 @@ from uniref_deploy.runtime.encoder_io import (
     TEXT_ENCODER,
     TEXT_VISION,
     VISION_FLOAT32_INPUTS,
+    EncoderDims,
     max_text_len,
+    most_patches_at_area,
     text_graph_io,
     vision_max_patches,
 )
@@ -48,6 +50,7 @@ from .text_samples import (
 )
 
 TEXT_PRECISIONS = ("fp32", "fp16")
+OPT_CONDITIONING_TOKENS = 256  # the engine profiles' opt conditioning length (as the DiT's opt_text_tokens)
 FLOAT32_INPUTS = {TEXT_VISION: VISION_FLOAT32_INPUTS, TEXT_ENCODER: ENCODER_FLOAT32_INPUTS}
 
 
@@ -129,11 +132,16 @@ def text_jobs(refs: TextReferences, precision: str, opset: int, validate: bool, 
 
 
 def text_limits(pipeline_class: str, budgets: tuple[Budget, ...], model_dir: Path) -> dict:
-    """``vision_max_patches`` (largest budget) and ``max_text_len`` of the manifest's ``text`` record."""
+    """The limits of the manifest's ``text`` record (formulas: ``runtime/encoder_io.py``): ``vision_max_patches``
+    and ``max_text_len`` (largest budget), per-budget ``vision_patches`` and the engine profiles' opt sizes."""
     pipeline = PIPELINE_CLASSES[pipeline_class]
     processor = processor_config(model_dir)
-    return {"vision_max_patches": vision_max_patches(pipeline, max(budgets), processor),
-            "max_text_len": max_text_len(pipeline)}
+    dims = EncoderDims.from_config(json.loads((model_dir / "text_encoder" / "config.json").read_text()))
+    per_budget = {str(b.pixels): vision_max_patches(pipeline, b, processor) for b in budgets}
+    one = most_patches_at_area(pipeline.condition_area or max(budgets).pixels, processor)
+    return {"vision_max_patches": max(per_budget.values()), "max_text_len": max_text_len(pipeline),
+            "vision_patches": per_budget, "vision_opt_patches": min(one, max(per_budget.values())),
+            "opt_text_len": pipeline.drop_tokens + OPT_CONDITIONING_TOKENS, "merge_unit": dims.merge_unit}
 
 
 def processor_config(folder: Path) -> dict:
