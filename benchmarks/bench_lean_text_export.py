@@ -62,15 +62,22 @@ def write_checkpoint(tdir: Path, config: dict, shard_bytes: float, seed: int = 0
     tdir.mkdir(parents=True, exist_ok=True)
     (tdir / "config.json").write_text(json.dumps(config, indent=1))
     shapes = saved_shapes(tdir)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
+    # the vision tower, the embedding table and lm_head in shards of their own, so a consuming export frees them
+    # as soon as their step is done (the exporter takes any layout; this one keeps the disk peak low)
+    shards: list[list[str]] = []
+    for group in ("visual.", "model.embed_tokens.", "lm_head.", ""):
+        keys = [k for k in shapes if k.startswith(group) and not any(
+            k.startswith(g) for g in ("visual.", "model.embed_tokens.", "lm_head.") if g != group)]
+        shards.append([])
+        size = 0
+        for key in keys:
+            nbytes = int(np.prod(shapes[key])) * 2
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += nbytes
+    shards = [s for s in shards if s]
     rng = np.random.default_rng(seed)
     pool = random_bf16(rng, POOL_ELEMS + CHUNK_ELEMS)
     weight_map, total = {}, 0
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/lean_text_export"))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lean_text_bench"))
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"))
-    ap.add_argument("--shard-gb", type=float, default=4.0)
+    ap.add_argument("--shard-gb", type=float, default=1.0)
     ap.add_argument("--consume-shards", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the exported files")
     args = ap.parse_args(argv)
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = saved_shapes_for(config, args.workdir)
     ckpt_bytes = sum(int(np.prod(s)) for s in shapes.values()) * 2
     out_bytes = ckpt_bytes * (1 if args.dtype == "fp16" else 2) * 0.95 + ckpt_bytes * 0.2
-    need = ckpt_bytes + (0.6 * out_bytes if args.consume_shards else out_bytes) + 2 * GB
+    need = ckpt_bytes + (0.25 * out_bytes if args.consume_shards else out_bytes) + 2 * GB
     free = shutil.disk_usage(args.workdir).free
     if free < need:
         print(f"bench: ABORT: {free / GB:.1f} GB free, need ~{need / GB:.1f} GB", file=sys.stderr)

@@ -127,8 +127,11 @@ def _write_graph(program, declared: dict, plan: list, out_path: Path, name: str,
 
 def export_text_graph_lean(model_dir: Path, name: str, out_path: Path, dtype: str = "fp16",
                            progress: Progress | None = None, opset: int = DEFAULT_OPSET,
-                           consume_shards: bool = False) -> dict:
-    """Export one text graph of ``model_dir`` (diffusers root) to ``out_path`` + ``.data``, streamed; stats."""
+                           consume_shards: bool = False, ckpt: dict[str, SafetensorsEntry] | None = None) -> dict:
+    """Export one text graph of ``model_dir`` (diffusers root) to ``out_path`` + ``.data``, streamed; stats.
+
+    ``ckpt``: the checkpoint's tensors (read from its headers when None).
+    """
     say = progress or (lambda msg: None)
     tdir = model_dir / "text_encoder"
     config = json.loads((tdir / "config.json").read_text())
@@ -144,7 +147,7 @@ def export_text_graph_lean(model_dir: Path, name: str, out_path: Path, dtype: st
     stats = {"dtype": dtype, "trace_seconds": round(time.perf_counter() - t0, 2), "fp32_layers": keep,
              "parameters": sum(p.numel() for p in module.parameters())}
     del module, model
-    ckpt = checkpoint_index(tdir)
+    ckpt = ckpt if ckpt is not None else checkpoint_index(tdir)
     plan, problems = [], []
     for init, (shape, onnx_dtype) in declared.items():
         key = checkpoint_key(names.get(init, ""), ckpt)
@@ -169,9 +172,9 @@ def export_text_graph_lean(model_dir: Path, name: str, out_path: Path, dtype: st
     return stats
 
 
-def embedding_entry(model_dir: Path) -> SafetensorsEntry:
+def embedding_entry(model_dir: Path, ckpt: dict[str, SafetensorsEntry] | None = None) -> SafetensorsEntry:
     """The checkpoint entry of the language model's token-embedding table."""
-    ckpt = checkpoint_index(model_dir / "text_encoder")
+    ckpt = ckpt if ckpt is not None else checkpoint_index(model_dir / "text_encoder")
     key = checkpoint_key("model.language_model.embed_tokens.weight", ckpt)
     if key is None:
         raise ExportError("The text encoder checkpoint has no token-embedding table.", "is the checkpoint complete?")
@@ -192,34 +195,62 @@ def embedding_rows(entry: SafetensorsEntry) -> Callable[[int, int], np.ndarray]:
     return rows
 
 
+def _component(key: str) -> str:
+    """Which export step reads checkpoint tensor ``key``: "vision", "embed", "encoder" or "unused" (lm_head)."""
+    if "visual." in key:
+        return "vision"
+    if key.endswith("embed_tokens.weight"):
+        return "embed"
+    return "unused" if key.startswith("lm_head") else "encoder"
+
+
+def _release(ckpt: dict[str, SafetensorsEntry], done: set[str], say: Progress) -> None:
+    """Delete the shards whose tensors only the finished steps ``done`` (and no later one) read."""
+    later = {"vision", "embed", "encoder"} - done
+    files: dict[Path, set[str]] = {}
+    for key, entry in ckpt.items():
+        files.setdefault(entry.file, set()).add(_component(key))
+    for path, parts in files.items():
+        if not parts & later and path.exists():
+            path.unlink()
+            say(f"lean export: deleted {path.name} (no later step reads it)")
+
+
 def export_text_lean(model_dir: str | os.PathLike, onnx_dir: str | os.PathLike, text_dir: str | os.PathLike | None,
                      dtype: str = "fp16", progress: Progress | None = None, opset: int = DEFAULT_OPSET,
                      consume_shards: bool = False) -> dict:
     """Both text graphs at ``dtype`` into ``onnx_dir`` and (when ``text_dir``) the embedding tables; stats.
 
-    Order: vision graph, embedding tables, language model; with ``consume_shards`` the checkpoint's shards are
-    DELETED while the language model (the last reader) streams.
+    Order: vision graph, embedding tables, language model. With ``consume_shards`` the checkpoint's shards are
+    DELETED as soon as no later step reads them (a shard holding only unused tensors, e.g. ``lm_head``, at once;
+    during the language model's streaming, each shard after its last tensor).
     """
     from .text_files import write_embedding_table
 
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
+    tdir = model_dir / "text_encoder"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
     suffix = "" if dtype == "fp32" else f".{dtype}"
+    ckpt = checkpoint_index(tdir)  # once: shards may be deleted on the way
+    release = (lambda done: _release(ckpt, done, say)) if consume_shards else (lambda done: None)
+    release(set())
+    entry = embedding_entry(model_dir, ckpt) if text_dir is not None else None
     stats: dict = {TEXT_VISION: export_text_graph_lean(model_dir, TEXT_VISION, onnx_dir / f"{TEXT_VISION}{suffix}.onnx",
-                                                       dtype, say, opset)}
-    if text_dir is not None:
+                                                       dtype, say, opset, ckpt=ckpt)}
+    release({"vision"} if text_dir is not None else {"vision", "embed"})
+    if entry is not None:
         t0 = time.perf_counter()
-        entry = embedding_entry(model_dir)
         Path(text_dir).mkdir(parents=True, exist_ok=True)
         say(f"lean export: token-embedding table {entry.shape} -> {text_dir}")
         write_embedding_table(embedding_rows(entry), entry.shape, Path(text_dir), fp16=dtype == "fp16")
         stats["embed_tokens"] = {"seconds": round(time.perf_counter() - t0, 2), "shape": list(entry.shape),
                                  "files": [EMBED_TABLE] + ([EMBED_TABLE_FP16] if dtype == "fp16" else [])}
+        release({"vision", "embed"})
     stats[TEXT_ENCODER] = export_text_graph_lean(model_dir, TEXT_ENCODER, onnx_dir / f"{TEXT_ENCODER}{suffix}.onnx",
-                                                 dtype, say, opset, consume_shards=consume_shards)
+                                                 dtype, say, opset, consume_shards=consume_shards, ckpt=ckpt)
     stats["peak_rss_bytes"] = peak_rss_bytes()
-    stats["dims"] = EncoderDims.from_config(json.loads((model_dir / "text_encoder" / "config.json").read_text())).__dict__
+    stats["dims"] = EncoderDims.from_config(json.loads((tdir / "config.json").read_text())).__dict__
     return stats
 
 
