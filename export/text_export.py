@@ -66,6 +66,13 @@ class TextReferences:
     examples: dict[str, dict] = field(default_factory=dict)
 
 
+@dataclass
+class LeanText:
+    """A lean export's prompt encoder: never loaded; each graph is streamed from the checkpoint (lean_text.py)."""
+
+    model_dir: Path
+
+
 def load_text(model_dir: Path) -> TextReferences:
     """Load ``model_dir/text_encoder`` in fp32 and build the wrappers and their samples."""
     model = load_text_encoder(model_dir / "text_encoder")
@@ -115,10 +122,19 @@ def _write(module: torch.nn.Module, args: tuple, name: str, config: dict, opset:
     return {}
 
 
-def text_jobs(refs: TextReferences, precision: str, opset: int, validate: bool, safety: float = FP16_SAFETY) -> list[dict]:
-    """Keyword arguments of one ``GraphJob`` per text graph at ``precision`` (none for other precisions)."""
+def text_jobs(refs: TextReferences | LeanText, precision: str, opset: int, validate: bool, safety: float = FP16_SAFETY) -> list[dict]:
+    """Keyword arguments of one ``GraphJob`` per text graph at ``precision`` (none for other precisions).
+
+    Lean: the graphs are streamed and carry no samples (a 7B graph does not fit ONNX Runtime here; the streamed
+    export is tested equal to the regular one on the presets).
+    """
     if precision not in TEXT_PRECISIONS:
         return []
+    if isinstance(refs, LeanText):
+        config = json.loads((refs.model_dir / "text_encoder" / "config.json").read_text())
+        return [dict(name=name, precision=precision, reference=torch.nn.Identity(), samples=[], smoke=[],
+                     write=functools.partial(_write_lean, refs.model_dir, name, precision, opset),
+                     io=text_graph_io(name, config)) for name in (TEXT_VISION, TEXT_ENCODER)]
     jobs = []
     for name in (TEXT_VISION, TEXT_ENCODER):
         module, keep = at_precision(refs, name, precision, safety)
@@ -129,6 +145,14 @@ def text_jobs(refs: TextReferences, precision: str, opset: int, validate: bool, 
                          io=text_graph_io(name, refs.config),
                          info={"fp32_layers": keep} if precision != "fp32" else {}))
     return jobs
+
+
+def _write_lean(model_dir: Path, name: str, precision: str, opset: int, path: Path) -> dict:
+    from .lean_text import export_text_graph_lean
+
+    stats = export_text_graph_lean(model_dir, name, path, precision, opset=opset)
+    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "peak_rss_bytes")},
+            "fp32_layers": stats["fp32_layers"], "validation_note": "lean: not run in ONNX Runtime"}
 
 
 def text_limits(pipeline_class: str, budgets: tuple[Budget, ...], model_dir: Path) -> dict:
@@ -157,8 +181,15 @@ def processor_config(folder: Path) -> dict:
     return {}
 
 
-def write_text_record(refs: TextReferences, model_dir: Path, art: Path, fp16: bool, limits: dict) -> dict:
-    """Write ``art/text/`` from the loaded encoder; the manifest's ``text`` record."""
+def write_text_record(refs: TextReferences | LeanText, model_dir: Path, art: Path, fp16: bool, limits: dict) -> dict:
+    """Write ``art/text/`` (the table from the loaded encoder, or streamed from the checkpoint); the ``text``
+    record of the manifest."""
+    if isinstance(refs, LeanText):
+        from .lean_text import embedding_entry, embedding_rows
+
+        entry = embedding_entry(model_dir)
+        files = write_text_files(model_dir, art, embedding_rows(entry), entry.shape, fp16)
+        return {"dir": TEXT_DIR, "files": files, **limits}
     table = refs.model.model.language_model.embed_tokens.weight
 
     def rows(start: int, stop: int) -> np.ndarray:
