@@ -200,7 +200,7 @@ def model_fingerprint(model_dir: Path) -> dict:
         if not f.is_file():
             continue
         rel = str(f.relative_to(model_dir))
-        if f.suffix == ".json":
+        if f.suffix in (".json", ".txt", ".jinja"):  # configs, tokenizer vocab/merges, chat templates
             out[rel] = sha256_file(f)
         elif f.suffix in (".safetensors", ".bin"):
             st = f.stat()
