@@ -109,11 +109,13 @@ def mrope_tables(positions: np.ndarray, cfg: QwenVLConfig) -> tuple[np.ndarray, 
     (t, h, w, t, ...), then the half is repeated, as ``Qwen2_5_VLRotaryEmbedding`` returns them."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-    freqs = positions[..., None].astype(np.float64) * inv_freq.astype(np.float64)  # [3, L, dim/2]
+    # float32 angles as transformers forms them (positions in the thousands lose bits there; match, not improve)
+    freqs = positions[..., None].astype(np.float32) * inv_freq  # [3, L, dim/2]
     bounds = np.cumsum((0, *cfg.mrope_section))
     bands = [freqs[k % 3, :, lo:hi] for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
     angles = np.concatenate(bands, axis=-1)
     angles = np.concatenate([angles, angles], axis=-1)[None]
+    angles = angles.astype(np.float64)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -164,7 +166,7 @@ def _vision_rotary(grids: np.ndarray, cfg: QwenVLConfig) -> np.ndarray:
     ids = np.concatenate(pos) if pos else np.zeros((0, 2), dtype=np.int64)
     spatial = cfg.vision_head_dim // 2
     inv_freq = 1.0 / (cfg.vision_theta ** (np.arange(0, spatial, 2, dtype=np.float32) / np.float32(spatial)))
-    freqs = ids[..., None].astype(np.float64) * inv_freq.astype(np.float64)  # [N, 2, head_dim/4]
+    freqs = ids[..., None].astype(np.float32) * inv_freq  # [N, 2, head_dim/4], float32 as transformers
     half = np.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
     return np.concatenate([half, half], axis=-1)
 
@@ -182,8 +184,8 @@ def vision_inputs(grids: np.ndarray, cfg: QwenVLConfig) -> dict[str, np.ndarray]
     image_lengths = [int(h * w) for t, h, w in grids for _ in range(int(t))]  # one segment per frame
     return {
         "window_index": window_index.astype(np.int64),
-        "vision_cos": np.cos(angles).astype(np.float32),
-        "vision_sin": np.sin(angles).astype(np.float32),
+        "vision_cos": np.cos(angles.astype(np.float64)).astype(np.float32),
+        "vision_sin": np.sin(angles.astype(np.float64)).astype(np.float32),
         "window_mask": _block_mask(window_lengths),
         "full_mask": _block_mask(image_lengths),
     }
