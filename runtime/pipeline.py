@@ -125,13 +125,16 @@ class Pipeline:
     def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
                        pipeline_class: str | None = None, text_encoder_dtype: str | None = None,
-                       **backend_options) -> Pipeline:
+                       text_positions: str = "mrope", **backend_options) -> Pipeline:
         """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``.
 
         ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime, the fastest built
         precision on TensorRT (fp16, bf16, fp8, then fp32) and the measured choice per graph on OpenVINO.
         ``backend="auto"`` follows the rule of ``backends/auto.py``. ``pipeline_class`` and ``text_encoder_dtype``
-        override the values the export recorded in the manifest.
+        override the values the export recorded in the manifest. Artifacts with the compiled text graphs encode
+        prompts without torch (``text_onnx.py``); ``text_positions`` is their M-RoPE mode: "mrope" (3-D, as the
+        model was trained) or "sequential" (what diffusers' edit pipelines get from transformers 5.x, see
+        ``text_host.POSITION_MODES``). Older artifacts use transformers.
         """
         manifest = Manifest.load(art_dir)
         FlowMatchEulerConfig.from_dict(manifest.model.scheduler)  # fails before any session loads
@@ -146,7 +149,8 @@ class Pipeline:
             config = dataclasses.replace(config, text_encoder_dtype=text_encoder_dtype)
         text = None
         if load_text_encoder:
-            text = _compiled_text_encoder(Path(art_dir), manifest, backend, config, condition_image_area)
+            text = _compiled_text_encoder(Path(art_dir), manifest, backend, config, condition_image_area,
+                                          text_positions)
             if text is None:
                 text = _text_encoder(config, condition_image_area)
         try:
@@ -447,7 +451,7 @@ def _text_encoder(config: ModelConfig, condition_area: int) -> QwenPromptEncoder
 
 
 def _compiled_text_encoder(art_dir: Path, manifest: Manifest, backend: str, config: ModelConfig,
-                           condition_area: int):
+                           condition_area: int, positions: str):
     """The exported prompt encoder when the artifacts hold one (``manifest.text``), else None."""
     from .text_onnx import CompiledPromptEncoder, text_record
 
@@ -457,7 +461,8 @@ def _compiled_text_encoder(art_dir: Path, manifest: Manifest, backend: str, conf
 
     return CompiledPromptEncoder.from_artifacts(art_dir, manifest, text_graph_runners(art_dir, manifest, backend),
                                                 condition_area=condition_area,
-                                                pipeline=pipeline_class_info(config.pipeline_class))
+                                                pipeline=pipeline_class_info(config.pipeline_class),
+                                                positions=positions)
 
 
 def _auto_backend(manifest: Manifest) -> str:
