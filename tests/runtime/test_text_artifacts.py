@@ -106,6 +106,28 @@ def test_ort_edit_matches_diffusers(text_art, diffusers_pipe, references, num_re
     assert np.abs(got - want).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("num_refs", [1, 3])
+def test_prompt_embeds_match_diffusers(text_art, diffusers_pipe, references, num_refs):
+    """The exported encoder's embeddings vs diffusers' own ``_get_qwen_prompt_embeds`` (fp32) within 1e-4 of
+    scale, per position mode; the two modes differ by far more (so the check tells them apart)."""
+    results = {}
+    for mode in ("mrope", "sequential"):
+        ours = Pipeline.from_artifacts(text_art, backend="ort", condition_image_area=COND_AREA, text_positions=mode)
+        cond = ours.text_encoder.condition(references[:num_refs])
+        got = ours.text_encoder.encode(PROMPT, references[:num_refs])[0]
+        ours.close()
+        with pytest.MonkeyPatch.context() as mp:
+            if mode == "mrope":
+                mp.setattr(diffusers_pipe.text_encoder, "forward", _forward_token_types(diffusers_pipe.text_encoder))
+            with torch.no_grad():
+                want = diffusers_pipe._get_qwen_prompt_embeds(PROMPT, cond, torch.device("cpu"), torch.float32)[0]
+        want = want.numpy()
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), mode
+        results[mode] = got
+    assert np.abs(results["mrope"] - results["sequential"]).max() > 3e-4 * np.abs(results["mrope"]).max()
+
+
 PROBE = """
 import json, sys
 from uniref_deploy.tools.cli import main
@@ -128,7 +150,7 @@ def test_cli_edit_is_torch_free(text_art, references, tmp_path):
         paths += ["--image", str(tmp_path / f"r{i}.png")]
         ref.save(tmp_path / f"r{i}.png")
     out, err = _cli(["edit", str(text_art), "--backend", "ort", "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-                     *paths, "--steps", "2", "--budget", "256", "-o", str(tmp_path / "out.png")])
+                     *paths, "--steps", "2", "--budget", "512", "-o", str(tmp_path / "out.png")])
     assert out["code"] == 0, err
     assert out["heavy"] == [], f"the edit loaded {out['heavy']}"
     assert Image.open(tmp_path / "out.png").size[0] > 0
@@ -141,8 +163,8 @@ def test_cli_edit_is_torch_free(text_art, references, tmp_path):
 def test_cli_bad_input_one_line_exit_2(text_art, tmp_path, extra, message):
     Image.new("RGB", (6000, 16)).save(tmp_path / "wide.png")
     args = [a.replace("{wide}", str(tmp_path / "wide.png")) for a in extra]
-    out, err = _cli(["edit", str(text_art), "--backend", "ort", *args, "--steps", "1", "--budget", "256",
-                     "-o", str(tmp_path / "o.png")])
+    out, err = _cli(["edit", str(text_art), "--backend", "ort", *args, "--steps", "1", "--budget", "512",
+                     "--width", "256", "--height", "256", "-o", str(tmp_path / "o.png")])
     assert out["code"] == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o.png").exists()
 
@@ -152,5 +174,5 @@ def test_more_references_than_the_vision_profile(text_art, references):
     limit = pipe.text_encoder.vision_max_patches
     pipe.text_encoder.vision_max_patches = 1  # the check reads the manifest's limit; shrink it to reach it cheaply
     with pytest.raises(Exception, match="vision patches, over the 1 ") as err:
-        pipe("p", image=references[:1], num_inference_steps=1, budget=256)
+        pipe("p", image=references[:1], num_inference_steps=1, budget=256 * 256)
     assert type(err.value).__name__ == "InputError" and limit >= 1
