@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from . import latents as lat
+from ._lazy import is_available
 from .backends.base import Backend, backend_factory
 from .budget import Budget, trained_budgets
 from .denoise import StepCallback, cfg_combine, denoise
@@ -455,8 +456,8 @@ def _compiled_text_encoder(art_dir: Path, manifest: Manifest, backend: str, conf
     """The exported prompt encoder when the artifacts hold one (``manifest.text``), else None."""
     from .text_onnx import CompiledPromptEncoder, text_record
 
-    if text_record(art_dir, manifest) is None:
-        return None
+    if text_record(art_dir, manifest) is None or not is_available("onnxruntime"):
+        return None  # older artifacts, or no ONNX Runtime to run the text graphs: transformers encodes
     from .text_runners import text_graph_runners
 
     return CompiledPromptEncoder.from_artifacts(art_dir, manifest, text_graph_runners(art_dir, manifest, backend),

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, ManifestError
+from .fileio import sha256_file
 from .images import image_digest, resize
 from .manifest import Manifest
 from .pipeline_classes import CONDITION_IMAGE_AREA, EDIT_PLUS, PIPELINE_CLASSES, PipelineClass
@@ -180,6 +181,11 @@ class CompiledPromptEncoder:
                                 "re-export with the text graphs, or use the transformers text encoder.")
         text_dir = Path(art_dir) / record.get("dir", "text")
         table_path = text_dir / "embed_tokens.npy"
+        for rel, sha in record.get("files", {}).items():  # tokenizer, configs and table, hashed like graphs
+            path = Path(art_dir) / rel
+            if not path.is_file() or sha256_file(path) != sha:
+                raise ManifestError(f"Text-encoder file '{path}' is missing or does not match the manifest's sha256.",
+                                    "re-run `uniref-deploy export`.")
         if not table_path.is_file():
             raise ManifestError(f"'{table_path}' is missing.", "re-run the export.")
         run_vision, vision_types = runners(TEXT_VISION_GRAPH)

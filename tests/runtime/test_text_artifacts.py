@@ -176,3 +176,12 @@ def test_more_references_than_the_vision_profile(text_art, references):
     with pytest.raises(Exception, match="vision patches, over the 1 ") as err:
         pipe("p", image=references[:1], num_inference_steps=1, budget=256 * 256)
     assert type(err.value).__name__ == "InputError" and limit >= 1
+
+
+def test_damaged_text_file_refused_at_load(text_art, copy_artifacts):
+    from uniref_deploy.runtime.errors import ManifestError
+
+    art = copy_artifacts()
+    (art / "text" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ManifestError, match="tokenizer.json"):
+        Pipeline.from_artifacts(art, backend="ort")
