@@ -200,7 +200,7 @@ def model_fingerprint(model_dir: Path) -> dict:
         if not f.is_file():
             continue
         rel = str(f.relative_to(model_dir))
-        if f.suffix == ".json":
+        if f.suffix in (".json", ".txt", ".jinja"):  # configs, tokenizer vocab/merges, chat templates
             out[rel] = sha256_file(f)
         elif f.suffix in (".safetensors", ".bin"):
             st = f.stat()
@@ -300,11 +300,12 @@ def _load_references(run: _Run) -> None:
         dit = QwenImageDitForExport(transformer).eval()
     vae = diffusers.AutoencoderKLQwenImage.from_pretrained(run.model_dir / "vae", torch_dtype=torch.float32).eval()
     run.references = {DIT: dit, VAE_ENCODER: VaeEncoderForExport(vae).eval(), VAE_DECODER: VaeDecoderForExport(vae).eval()}
-    if run.options.text_graphs and run.config.text_encoder_dir and not run.lean:
-        from .text_export import load_text
+    if run.options.text_graphs and run.config.text_encoder_dir:
+        from .text_export import LeanText, load_text
 
-        run.say("export: loading the text encoder (text_vision + text_encoder graphs)")
-        run.text = load_text(run.model_dir)
+        run.say("export: " + ("text encoder streamed from its checkpoint (lean)" if run.lean else
+                              "loading the text encoder") + " (text_vision + text_encoder graphs)")
+        run.text = LeanText(run.model_dir) if run.lean else load_text(run.model_dir)
 
 
 def _dit_args(run: _Run, sample: Sample, timestep: float | None = None) -> tuple[torch.Tensor, ...]:

@@ -22,7 +22,9 @@ from uniref_deploy.runtime.encoder_io import (
     TEXT_ENCODER,
     TEXT_VISION,
     VISION_FLOAT32_INPUTS,
+    EncoderDims,
     max_text_len,
+    most_patches_at_area,
     text_graph_io,
     vision_max_patches,
 )
@@ -48,6 +50,7 @@ from .text_samples import (
 )
 
 TEXT_PRECISIONS = ("fp32", "fp16")
+OPT_CONDITIONING_TOKENS = 256  # the engine profiles' opt conditioning length (as the DiT's opt_text_tokens)
 FLOAT32_INPUTS = {TEXT_VISION: VISION_FLOAT32_INPUTS, TEXT_ENCODER: ENCODER_FLOAT32_INPUTS}
 
 
@@ -61,6 +64,13 @@ class TextReferences:
     smoke: dict[str, list[tuple[str, dict]]] = field(default_factory=dict)
     full: dict[str, list[tuple[str, dict]]] = field(default_factory=dict)
     examples: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class LeanText:
+    """A lean export's prompt encoder: never loaded; each graph is streamed from the checkpoint (lean_text.py)."""
+
+    model_dir: Path
 
 
 def load_text(model_dir: Path) -> TextReferences:
@@ -112,10 +122,19 @@ def _write(module: torch.nn.Module, args: tuple, name: str, config: dict, opset:
     return {}
 
 
-def text_jobs(refs: TextReferences, precision: str, opset: int, validate: bool, safety: float = FP16_SAFETY) -> list[dict]:
-    """Keyword arguments of one ``GraphJob`` per text graph at ``precision`` (none for other precisions)."""
+def text_jobs(refs: TextReferences | LeanText, precision: str, opset: int, validate: bool, safety: float = FP16_SAFETY) -> list[dict]:
+    """Keyword arguments of one ``GraphJob`` per text graph at ``precision`` (none for other precisions).
+
+    Lean: the graphs are streamed and carry no samples (a 7B graph does not fit ONNX Runtime here; the streamed
+    export is tested equal to the regular one on the presets).
+    """
     if precision not in TEXT_PRECISIONS:
         return []
+    if isinstance(refs, LeanText):
+        config = json.loads((refs.model_dir / "text_encoder" / "config.json").read_text())
+        return [dict(name=name, precision=precision, reference=torch.nn.Identity(), samples=[], smoke=[],
+                     write=functools.partial(_write_lean, refs.model_dir, name, precision, opset),
+                     io=text_graph_io(name, config)) for name in (TEXT_VISION, TEXT_ENCODER)]
     jobs = []
     for name in (TEXT_VISION, TEXT_ENCODER):
         module, keep = at_precision(refs, name, precision, safety)
@@ -128,12 +147,25 @@ def text_jobs(refs: TextReferences, precision: str, opset: int, validate: bool, 
     return jobs
 
 
+def _write_lean(model_dir: Path, name: str, precision: str, opset: int, path: Path) -> dict:
+    from .lean_text import export_text_graph_lean
+
+    stats = export_text_graph_lean(model_dir, name, path, precision, opset=opset)
+    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "peak_rss_bytes")},
+            "fp32_layers": stats["fp32_layers"], "validation_note": "lean: not run in ONNX Runtime"}
+
+
 def text_limits(pipeline_class: str, budgets: tuple[Budget, ...], model_dir: Path) -> dict:
-    """``vision_max_patches`` (largest budget) and ``max_text_len`` of the manifest's ``text`` record."""
+    """The limits of the manifest's ``text`` record (formulas: ``runtime/encoder_io.py``): ``vision_max_patches``
+    and ``max_text_len`` (largest budget), per-budget ``vision_patches`` and the engine profiles' opt sizes."""
     pipeline = PIPELINE_CLASSES[pipeline_class]
     processor = processor_config(model_dir)
-    return {"vision_max_patches": vision_max_patches(pipeline, max(budgets), processor),
-            "max_text_len": max_text_len(pipeline)}
+    dims = EncoderDims.from_config(json.loads((model_dir / "text_encoder" / "config.json").read_text()))
+    per_budget = {str(b.pixels): vision_max_patches(pipeline, b, processor) for b in budgets}
+    one = most_patches_at_area(pipeline.condition_area or max(budgets).pixels, processor)
+    return {"vision_max_patches": max(per_budget.values()), "max_text_len": max_text_len(pipeline),
+            "vision_patches": per_budget, "vision_opt_patches": min(one, max(per_budget.values())),
+            "opt_text_len": pipeline.drop_tokens + OPT_CONDITIONING_TOKENS, "merge_unit": dims.merge_unit}
 
 
 def processor_config(folder: Path) -> dict:
@@ -149,8 +181,15 @@ def processor_config(folder: Path) -> dict:
     return {}
 
 
-def write_text_record(refs: TextReferences, model_dir: Path, art: Path, fp16: bool, limits: dict) -> dict:
-    """Write ``art/text/`` from the loaded encoder; the manifest's ``text`` record."""
+def write_text_record(refs: TextReferences | LeanText, model_dir: Path, art: Path, fp16: bool, limits: dict) -> dict:
+    """Write ``art/text/`` (the table from the loaded encoder, or streamed from the checkpoint); the ``text``
+    record of the manifest."""
+    if isinstance(refs, LeanText):
+        from .lean_text import embedding_entry, embedding_rows
+
+        entry = embedding_entry(model_dir)
+        files = write_text_files(model_dir, art, embedding_rows(entry), entry.shape, fp16)
+        return {"dir": TEXT_DIR, "files": files, **limits}
     table = refs.model.model.language_model.embed_tokens.weight
 
     def rows(start: int, stop: int) -> np.ndarray:

@@ -58,17 +58,23 @@ def write_tokenizer(source: Path, out: Path) -> None:
 
 def write_embedding_table(rows: Callable[[int, int], np.ndarray], shape: tuple[int, int], out: Path,
                           fp16: bool) -> None:
-    """Write the [vocab, D] table chunk by chunk (``rows(start, stop)`` gives float32 rows) as .npy files."""
-    tables = [(out / EMBED_TABLE, np.float32)] + ([(out / EMBED_TABLE_FP16, np.float16)] if fp16 else [])
-    maps = [np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape) for path, dtype in tables]
-    for start in range(0, shape[0], EMBED_CHUNK_ROWS):
-        stop = min(start + EMBED_CHUNK_ROWS, shape[0])
-        chunk = rows(start, stop)
-        for m in maps:
-            m[start:stop] = chunk
-    for m in maps:
-        m.flush()
-    del maps
+    """Write the [vocab, D] table chunk by chunk (``rows(start, stop)`` gives float32 rows) as .npy files.
+
+    Plain sequential writes (no memory map): memory stays one chunk whatever the table's size.
+    """
+    tables = [(out / EMBED_TABLE, np.dtype(np.float32))] + ([(out / EMBED_TABLE_FP16, np.dtype(np.float16))] if fp16 else [])
+    files = [open(path, "wb") for path, _ in tables]  # noqa: SIM115 (closed below)
+    try:
+        for f, (_, dtype) in zip(files, tables, strict=True):
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, shape[0], EMBED_CHUNK_ROWS):
+            chunk = rows(start, min(start + EMBED_CHUNK_ROWS, shape[0]))
+            for f, (_, dtype) in zip(files, tables, strict=True):
+                f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    finally:
+        for f in files:
+            f.close()
 
 
 def write_text_files(model_dir: Path, art: Path, rows: Callable[[int, int], np.ndarray], shape: tuple[int, int],

@@ -34,6 +34,7 @@ PATCHES, MERGED, TEXT_LEN = "patches", "merged", "text_len"
 TEXT_DIR = "text"  # ART/text/: tokenizer, processor configs, config.json, the token-embedding table
 EMBED_TABLE = "embed_tokens.npy"
 EMBED_TABLE_FP16 = "embed_tokens.fp16.npy"
+PROCESSOR_MAX_ASPECT = 200  # the Qwen2-VL processor refuses images with a longer aspect ratio
 MASK_MIN = -65504.0  # the additive masks' "blocked" value: finite in fp16 too
 #: inputs kept float32 at every graph precision (rotary tables and masks), by position
 VISION_FLOAT32_INPUTS = (2, 3, 4, 5)
@@ -140,10 +141,11 @@ def processed_patches(width: int, height: int, processor: dict) -> int:
 
 
 def most_patches_at_area(area: int, processor: dict, steps: int = 4000) -> int:
-    """The most patches one image resized to ``area`` pixels (any aspect up to ``MAX_ASPECT``) can have."""
-    best = 0
+    """The most patches one image resized to ``area`` pixels can have, over the aspects both the packing and the
+    processor accept (up to ``min(MAX_ASPECT, PROCESSOR_MAX_ASPECT)``)."""
+    best, widest = 0, min(MAX_ASPECT, PROCESSOR_MAX_ASPECT)
     for i in range(steps + 1):  # log-spaced aspects; the 32-rounded sizes change far more slowly than this grid
-        ratio = MAX_ASPECT ** (2 * i / steps - 1)
+        ratio = widest ** (2 * i / steps - 1)
         w, h = calculate_dimensions(area, ratio)
         best = max(best, processed_patches(max(w, 32), max(h, 32), processor))
     return best
