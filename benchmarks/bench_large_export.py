@@ -164,9 +164,9 @@ def write_pipeline_files(root: Path) -> None:
 
 
 def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats_path: Path,
-              lora: Path | None = None, cli: bool = False) -> dict:
-    """The lean export in a child process (export_dit_lean, or with ``cli`` the `uniref-deploy export` command);
-    peak RSS from psutil sampling and from ru_maxrss of the child."""
+              lora: Path | None = None, cli: bool = False, code: str | None = None) -> dict:
+    """The lean export in a child process (export_dit_lean, or ``code`` with the same argv, or with ``cli`` the
+    `uniref-deploy export` command); peak RSS from psutil sampling and from ru_maxrss of the child."""
     import psutil
 
     if cli:
@@ -175,7 +175,7 @@ def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats
                "--no-validate", "--dtypes", dtype, *(["--consume-shards"] if consume else []),
                *(["--lora", str(lora)] if lora else [])]
     else:
-        code = ("import json,sys; from pathlib import Path; from uniref_deploy.export.lean import export_dit_lean as e; "
+        code = code or ("import json,sys; from pathlib import Path; from uniref_deploy.export.lean import export_dit_lean as e; "
                 "from uniref_deploy.export.lora import LoraSpec; "
                 "s=e(sys.argv[1], sys.argv[2], None, dtype=sys.argv[3], progress=lambda m: print(m, flush=True), "
                 "consume_shards=sys.argv[4]=='1', loras=[LoraSpec(Path(p)) for p in sys.argv[6:]]); "
