@@ -131,8 +131,9 @@ def _other_model_lora(path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lean", [False, True], ids=["regular", "lean"])
 @pytest.mark.parametrize("case", ["other-model", "corrupt", "nan-scale", "inf-scale", "text-scale"])
-def test_bad_lora_input_is_one_line_exit_2(case, tiny_model_dir, existing_art, tmp_path, capsys, factors):
+def test_bad_lora_input_is_one_line_exit_2(case, lean, tiny_model_dir, existing_art, tmp_path, capsys, factors):
     good = write_lora(factors, tmp_path / "good.safetensors", "peft")
     arg = {
         "other-model": str(_other_model_lora(tmp_path / "flux.safetensors")),
@@ -142,7 +143,8 @@ def test_bad_lora_input_is_one_line_exit_2(case, tiny_model_dir, existing_art, t
         "text-scale": f"{good}:strong",
     }[case]
     before = _snapshot(existing_art)
-    code = main(["export", str(tiny_model_dir), "--out", str(existing_art), *EXPORT_FLAGS, "--lora", arg])
+    flags = [*EXPORT_FLAGS, *(["--lean"] if lean else [])]
+    code = main(["export", str(tiny_model_dir), "--out", str(existing_art), *flags, "--lora", arg])
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]  # progress lines precede it
     assert code == 2
