@@ -46,6 +46,7 @@ from uniref_deploy.runtime.generation import Staging
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest, StageRecord
+from uniref_deploy.runtime.precision import INT8_QDQ_VARIANT as QDQ_VARIANT
 
 from . import dataset as ds
 from .fp8 import FIGURE_KEYS
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 INT8_FILE = "onnx/dit.int8.onnx"
 QDQ_FILE = "onnx/dit.int8.qdq.onnx"
-QDQ_VARIANT = "qdq"  # GraphSpec.variant of the static Q/DQ graph kept for TensorRT when the CPU graph is dynamic
 STAGE = "calibrate_int8"
 MODES = ("auto", "static", "dynamic")
 STATIC, SMOOTH, DYNAMIC = "static", "static+smoothquant", "dynamic"

@@ -9,8 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from uniref_deploy.export.graph_pass import GraphPass, NameGen, node_map
-
-from .int8_weights import INT8_MAX
+from uniref_deploy.runtime.precision import INT8_MAX
 
 
 class QuantizeActivationsInt8(GraphPass):

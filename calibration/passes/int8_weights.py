@@ -9,8 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from uniref_deploy.export.graph_pass import GraphPass, NameGen, initializer_map, node_map
-
-INT8_MAX = 127.0
+from uniref_deploy.runtime.precision import INT8_MAX
 
 
 def block_for(k: int, block_size: int) -> int:
