@@ -70,7 +70,7 @@ def dit_feeds(config, tokens: int, text_tokens: int, seed: int = 0) -> dict[str,
     return feeds
 
 
-def dit_backends(art: Path, model_dir: Path, threads: int) -> dict:
+def dit_backends(art: Path, model_dir: Path, threads: int, int8_arts: tuple[Path, ...] = ()) -> dict:
     """label -> zero-argument constructor of a DiT backend (built one at a time to bound memory)."""
     from uniref_deploy.runtime.backends.openvino import OpenVinoBackend
     from uniref_deploy.runtime.backends.ort import OrtBackend
@@ -94,16 +94,17 @@ def dit_backends(art: Path, model_dir: Path, threads: int) -> dict:
     from uniref_deploy.runtime.backends.openvino import native_bf16
 
     hint = "bf16" if native_bf16() else "fp32"
-    for g in (g for g in m.graphs if g.name == "dit" and g.precision == "int8"):
-        mode = g.info.get("candidate", g.variant or "int8").replace("+", "_")
-        made[f"ort_int8_{mode}"] = lambda g=g: OrtBackend(g, art, threads=threads, verify=False)
-        made[f"openvino_int8_{mode}"] = lambda g=g: OpenVinoBackend(g, art, hint, threads=threads,
-                                                                    cache_dir=art / "cache/openvino")
+    for root in (art, *int8_arts):  # --int8-art: copies calibrated with other --activations choices
+        for g in (g for g in Manifest.load(root).graphs if g.name == "dit" and g.precision == "int8"):
+            mode = g.info.get("candidate", g.variant or "int8").replace("+", "_")
+            made[f"ort_int8_{mode}"] = lambda g=g, r=root: OrtBackend(g, r, threads=threads, verify=False)
+            made[f"openvino_int8_{mode}"] = lambda g=g, r=root: OpenVinoBackend(g, r, hint, threads=threads,
+                                                                                cache_dir=r / "cache/openvino")
     return made
 
 
 def bench_dit(art: Path, model_dir: Path, tokens: list[int], text_tokens: int, runs: int, threads: int,
-              only: list[str] | None = None) -> dict:
+              only: list[str] | None = None, int8_arts: tuple[Path, ...] = ()) -> dict:
     from uniref_deploy.runtime.compare import compare
     from uniref_deploy.runtime.manifest import Manifest
 
@@ -111,7 +112,7 @@ def bench_dit(art: Path, model_dir: Path, tokens: list[int], text_tokens: int, r
     feeds = {n: dit_feeds(config, n, text_tokens) for n in tokens}
     results: dict = {}
     reference: dict[int, np.ndarray] = {}
-    for label, make in dit_backends(art, model_dir, threads).items():
+    for label, make in dit_backends(art, model_dir, threads, int8_arts).items():
         if only and label not in only and label != "ort_fp32":  # ORT fp32 is every row's error reference
             continue
         backend = make()
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dit-backends", default="",
                     help="comma-separated DiT-step rows to run (default all: ort_fp32, ort_fp32_fused, openvino_f32, "
                          "openvino_bf16, torch_fp32, torch_bf16, ort_int8_<mode>, openvino_int8_<mode>)")
+    ap.add_argument("--int8-art", action="append", default=[],
+                    help="another artifact folder whose INT8 DiT graphs get rows too (e.g. calibrated with "
+                         "--activations dynamic); repeatable")
     ap.add_argument("--name", default="openvino_cpu", help="stem of the JSON and PNG written into --out")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-start", action="store_true", help="skip the OpenVINO first/second start timing")
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_start:
         report["openvino_start"] = bench_start(art, args.threads)
     report["dit_step"] = bench_dit(art, model_dir, [int(t) for t in args.tokens.split(",")], args.text_tokens,
-                                   args.runs, args.threads, [b for b in args.dit_backends.split(",") if b])
+                                   args.runs, args.threads, [b for b in args.dit_backends.split(",") if b],
+                                   tuple(Path(a) for a in args.int8_art))
     partial.write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_e2e:
         report["e2e"] = bench_e2e(art, model_dir, args.steps, args.e2e_runs, args.threads,
