@@ -35,7 +35,7 @@ from uniref_deploy.tools.serving.server import stub_site  # noqa: E402
 
 try:
     stub_site()
-except MissingDependencyError as err:  # .ci/run installs it; see README, Serving
+except MissingDependencyError as err:  # numpy 2 here and no numpy<2 folder for the stubs (README, Serving)
     pytest.skip(str(err), allow_module_level=True)
 
 pytestmark = pytest.mark.slow
