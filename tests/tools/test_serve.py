@@ -173,8 +173,8 @@ REQUESTS = {
     "1-ref": ([png(96, 64, 1)], {"seed": 4, "width": 64, "height": 64}),
     "3-refs-cfg": ([png(64, 64, 2), png(48, 80, 3), png(80, 48, 4)],
                    {"seed": 5, "width": 64, "height": 64, "negative_prompt": "blurry", "true_cfg_scale": 3.0}),
-    # an untrained side: read as `--budget 96` (96² pixels, the output size follows), not as 96 pixels
-    "1-ref-side-96": ([png(96, 64, 6)], {"seed": 6, "budget": 96}),
+    # an untrained side: read as `--budget 288` (288² pixels, the output size follows), not as 288 pixels
+    "1-ref-side-288": ([png(96, 64, 6)], {"seed": 6, "budget": 288}),
 }
 
 
