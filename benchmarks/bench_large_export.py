@@ -115,11 +115,12 @@ def copy_reference(tdir: Path, prefixes: list[str], dest: Path) -> dict[str, tup
     return out
 
 
-def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats_path: Path) -> dict:
-    """export_dit_lean in a child process; peak RSS from psutil sampling and from ru_maxrss of the child."""
+def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats_path: Path,
+              code: str | None = None) -> dict:
+    """export_dit_lean (or ``code``, same argv) in a child process; peak RSS from psutil sampling and ru_maxrss."""
     import psutil
 
-    code = ("import json,sys; from uniref_deploy.export.lean import export_dit_lean as e; "
+    code = code or ("import json,sys; from uniref_deploy.export.lean import export_dit_lean as e; "
             "s=e(sys.argv[1], sys.argv[2], None, dtype=sys.argv[3], progress=lambda m: print(m, flush=True), "
             "consume_shards=sys.argv[4]=='1'); open(sys.argv[5],'w').write(json.dumps(s))")
     before = _children_maxrss()

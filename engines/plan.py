@@ -1,7 +1,8 @@
 """Planning: which TensorRT engines to build from a manifest, as plain data (``BuildPlan``).
 
-One engine per (graph, precision): the DiT at each requested precision that has a graph in the manifest, and the
-VAE encoder/decoder at fp16 (else fp32). Each engine holds one optimization profile per requested bucket, in
+One engine per (graph, precision): the DiT at each requested precision that has a graph in the manifest, the
+VAE encoder/decoder at fp16 (else fp32), and the prompt encoder's ``text_vision``/``text_encoder`` at fp16 (else
+fp32) when the manifest has them (``Manifest.text``). Each engine holds one optimization profile per requested bucket, in
 bucket order (``ranges.py`` derives them from the packing rules), so the weights exist once per precision.
 Precision comes from the ONNX (strongly typed networks), so no precision flags appear. The plan is JSON, tested
 everywhere, and is what ``build`` runs.
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from uniref_deploy.runtime.budget import TRAINED_SIDES, Budget
+from uniref_deploy.runtime.encoder_io import TEXT_GRAPHS
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER
@@ -26,6 +28,8 @@ from .ranges import axis_ranges, make_profile
 from .records import ENGINE_DIR, PLAN_FILE, BuildPlan, EnginePlan, PlanOptions, SkippedEngine
 
 VAE_ENGINE_PREFERENCE = tuple(sorted(VAE_PRECISIONS, key=lambda p: p != "fp16"))  # fp16 first, then fp32
+# The prompt-encoder engines (when the manifest has ``text``) use the same preference. No fp8: calibration covers the
+# DiT only, and Qwen2.5's language model carries outlier activation channels that per-tensor fp8 scales clip.
 
 __all__ = ["PRECISIONS", "VAE_ENGINE_PREFERENCE", "PlanOptions", "engine_file", "make_plan", "plan_budgets", "save_plan"]
 
@@ -70,8 +74,9 @@ def _missing_dit_reason(precision: str) -> str:
     return f"the manifest has no dit.{precision} graph; re-run `uniref-deploy export` with --dtypes including {precision}"
 
 
-def _engine(graph: GraphSpec, budgets: tuple[Budget, ...], options: PlanOptions, vae_scale: int) -> EnginePlan:
-    profiles = tuple(make_profile(graph, b, axis_ranges(graph.name, b, options, vae_scale)) for b in budgets)
+def _engine(graph: GraphSpec, budgets: tuple[Budget, ...], options: PlanOptions, vae_scale: int,
+            text: dict | None = None) -> EnginePlan:
+    profiles = tuple(make_profile(graph, b, axis_ranges(graph.name, b, options, vae_scale, text)) for b in budgets)
     return EnginePlan(
         graph=graph.name,
         precision=graph.precision,
@@ -129,6 +134,13 @@ def make_plan(manifest: Manifest, budgets: Sequence[Budget | int], precisions: S
             skipped.append(SkippedEngine(name, "fp16", f"the manifest has no {name} graph (fp16 or fp32)"))
         else:
             engines.append(_engine(manifest.graph(name, vae_p), chosen, options, vae_scale))
+    if manifest.text:  # the prompt encoder, fp16 else fp32 (no fp8: see above)
+        for name in TEXT_GRAPHS:
+            text_p = next((q for q in VAE_ENGINE_PREFERENCE if manifest.has_graph(name, q)), None)
+            if text_p is None:
+                skipped.append(SkippedEngine(name, "fp16", f"the manifest has no {name} graph (fp16 or fp32)"))
+            else:
+                engines.append(_engine(manifest.graph(name, text_p), chosen, options, vae_scale, manifest.text))
     return BuildPlan(tuple(engines), options.timing_cache, tuple(skipped), options)
 
 

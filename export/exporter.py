@@ -100,6 +100,8 @@ class ExportOptions:
     scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
     vae_tiling: (tile, stride) in pixels of the runtime's tiled VAE, recorded in the manifest's VAE config
         (``runtime/tiling.py``); it bounds the VAE engine profiles. None: untiled.
+    text_graphs: also export the prompt encoder (``text_vision`` + ``text_encoder``, fp32/fp16) and ``ART/text/``
+        (export/text_export.py) when the model folder has a text encoder.
     """
 
     budgets: tuple[Budget, ...] = (Budget.from_side(1024),)
@@ -118,6 +120,7 @@ class ExportOptions:
     loras: tuple[LoraSpec, ...] = ()
     scheduler_config: Path | None = None
     vae_tiling: tuple[int, int] | None = (DEFAULT_TILE, DEFAULT_STRIDE)
+    text_graphs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
@@ -152,6 +155,7 @@ class GraphJob:
     fallback: Callable[[], torch.nn.Module] | None = None
     info: dict = field(default_factory=dict)
     twin_smoke: bool = False  # the graph is too large for ONNX Runtime here: smoke-validate a 2-block twin
+    io: tuple | None = None  # (inputs, outputs) when not given by ``graph_io`` (the text graphs)
 
     @property
     def file(self) -> str:
@@ -181,6 +185,7 @@ class _Run:
     lint: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     lora_base: dict = field(default_factory=dict)  # un-fused weights of the layers a LoRA touched
+    text: object = None  # export/text_export.TextReferences when the text graphs are exported
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -195,7 +200,7 @@ def model_fingerprint(model_dir: Path) -> dict:
         if not f.is_file():
             continue
         rel = str(f.relative_to(model_dir))
-        if f.suffix == ".json":
+        if f.suffix in (".json", ".txt", ".jinja"):  # configs, tokenizer vocab/merges, chat templates
             out[rel] = sha256_file(f)
         elif f.suffix in (".safetensors", ".bin"):
             st = f.stat()
@@ -295,6 +300,12 @@ def _load_references(run: _Run) -> None:
         dit = QwenImageDitForExport(transformer).eval()
     vae = diffusers.AutoencoderKLQwenImage.from_pretrained(run.model_dir / "vae", torch_dtype=torch.float32).eval()
     run.references = {DIT: dit, VAE_ENCODER: VaeEncoderForExport(vae).eval(), VAE_DECODER: VaeDecoderForExport(vae).eval()}
+    if run.options.text_graphs and run.config.text_encoder_dir:
+        from .text_export import LeanText, load_text
+
+        run.say("export: " + ("text encoder streamed from its checkpoint (lean)" if run.lean else
+                              "loading the text encoder") + " (text_vision + text_encoder graphs)")
+        run.text = LeanText(run.model_dir) if run.lean else load_text(run.model_dir)
 
 
 def _dit_args(run: _Run, sample: Sample, timestep: float | None = None) -> tuple[torch.Tensor, ...]:
@@ -375,6 +386,10 @@ def _jobs(run: _Run, precision: str) -> list[GraphJob]:
             [(f"latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in vae_decoder_samples(config, layouts)]
             if opts.validate else [],
             [(f"smoke batch={z.shape[0]} latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in latents]))
+    if run.text is not None:
+        from .text_export import text_jobs
+
+        jobs += [GraphJob(**kw) for kw in text_jobs(run.text, precision, opts.opset, opts.validate, opts.fp16_safety)]
     return jobs
 
 
@@ -400,7 +415,7 @@ def _write_lean_dit(run: _Run, precision: str, keep_fp32: list[str], path: Path)
 
 def _export_job(run: _Run, job: GraphJob) -> None:
     """Write one graph, lint it, validate it (smoke always, full when asked) and record it in the manifest."""
-    inputs, outputs = graph_io(job.name, run.config)
+    inputs, outputs = job.io or graph_io(job.name, run.config)
     rel, key = job.file, f"{job.name}.{job.precision}"
     run.say(f"export: {job.name} {job.precision} -> {rel}" + (" (lean)" if run.lean and job.name == DIT else ""))
     early = _twin_smoke(run, job) if job.twin_smoke else {}  # reads the checkpoint: before it may be consumed
@@ -505,6 +520,18 @@ def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
                      "graphs": len(run.lint), "lean": run.lean,
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
+    if run.text is not None:
+        from .text_export import text_limits, write_text_record
+
+        limits = text_limits(run.config.pipeline_class, run.options.budgets, run.model_dir)
+        run.manifest = run.manifest.with_text(write_text_record(run.text, run.model_dir, run.art,
+                                                                "fp16" in run.dtypes, limits))
+    elif not run.options.text_graphs:  # asked to skip: an earlier export's text graphs are dropped too
+        from uniref_deploy.runtime.encoder_io import TEXT_GRAPHS
+
+        for g in [g for g in run.manifest.graphs if g.name in TEXT_GRAPHS]:
+            run.manifest = run.manifest.without_graph(g.key)
+        run.manifest = run.manifest.with_text(None)
     save_lora_base(run.art, run.lora_base)
     if not run.lean:
         write_lora_index(run.art, run.references[DIT], sorted(  # fp32 first: swaps read base weights from it
@@ -578,7 +605,7 @@ def _existing(art: Path, config: ModelConfig) -> Manifest:
         try:
             old = Manifest.load(art)
             if old.model.transformer == config.transformer and old.model.vae == config.vae:
-                return Manifest(config, old.budgets, old.graphs, old.engines, old.stages)
+                return Manifest(config, old.budgets, old.graphs, old.engines, old.stages, text=old.text)
         except ManifestError:
             logger.warning("existing manifest in %s is unreadable; starting a new one", art)
     return Manifest(config)

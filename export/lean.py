@@ -150,13 +150,18 @@ def _example_args(config: ModelConfig) -> tuple:
 
 
 def trace_without_weights(module: torch.nn.Module, config: ModelConfig, opset: int = DEFAULT_OPSET):
-    """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of the meta module; weights removed from the graph."""
+    """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of the meta DiT; weights removed from the graph."""
     inputs, outputs = dit_io(config)
+    return trace_meta_module(module, _example_args(config), inputs, outputs, opset)
+
+
+def trace_meta_module(module: torch.nn.Module, args: tuple, inputs, outputs, opset: int = DEFAULT_OPSET):
+    """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of any meta module called with meta ``args``."""
     names = [s.name for s in inputs]
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                module, _example_args(config), None, input_names=names, output_names=[s.name for s in outputs],
+                module, args, None, input_names=names, output_names=[s.name for s in outputs],
                 dynamic_shapes=_by_position(module, names, dynamic_shapes_for(inputs)), opset_version=opset,
                 dynamo=True, optimize=False, verbose=False,
             )
