@@ -281,7 +281,7 @@ def format_memory(mem: MemoryPlan) -> str:
             rows.append((e.engine if i == 0 else "", f"{i}: b{p.budget.name}", f"{e.weight_bytes / GIB:.2f}",
                          f"{p.activation_bytes / GIB:.2f}", f"{p.need_bytes / GIB:.2f}", verdict))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = [f"memory plan (reserve {mem.reserve_bytes / GIB:g} GiB per engine; fused attention assumed):"]
+    lines = [f"memory plan (reserve {mem.reserve_bytes / GIB:g} GiB per engine; fused attention assumed in the DiT):"]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in range(len(r))).rstrip() for r in rows]
     lines.append("runnable buckets: " + (", ".join(b.name for b in mem.runnable_budgets()) or "none"))
     return "\n".join(lines)

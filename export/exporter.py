@@ -538,6 +538,12 @@ def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
             (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"
              and (run.art / g.file).is_file()), key=lambda f: f != graph_file(DIT, "fp32")))
     run.manifest = staging.commit(run.manifest)
+    if run.manifest.text is None:  # no prompt encoder recorded: host files of an earlier export are stale
+        import shutil
+
+        from uniref_deploy.runtime.encoder_io import TEXT_DIR
+
+        shutil.rmtree(live / TEXT_DIR, ignore_errors=True)
     if not run.lora_base:
         save_lora_base(live, {})  # no LoRA fused now: a base file of an earlier export is stale
     if errors:

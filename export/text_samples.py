@@ -87,11 +87,14 @@ def encoder_feeds(model: nn.Module, length: int, seed: int, grids=()) -> dict[st
     from ``get_rope_index`` and the causal mask, as numpy feeds of ``text_encoder``."""
     cfg = model.config
     merge = cfg.vision_config.spatial_merge_size**2
-    ids = [1, 2, 3]
+    specials = {int(cfg.image_token_id), int(cfg.video_token_id), int(cfg.vision_start_token_id),
+                int(cfg.vision_end_token_id)}
+    plain = [i for i in range(16, 64) if i not in specials][:4]  # ordinary tokens: no image block but ours
+    ids = plain[:3]
     for t, h, w in grids:
         ids += [int(cfg.vision_start_token_id), *[int(cfg.image_token_id)] * (t * h * w // merge),
                 int(cfg.vision_end_token_id)]
-    ids = (ids + [5] * length)[:max(length, len(ids))]
+    ids = (ids + [plain[3]] * length)[:max(length, len(ids))]
     input_ids = torch.tensor([ids])
     cos, sin = rope_tables(model, mrope_positions(model, input_ids, grids))
     rng = np.random.default_rng(seed)

@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from . import latents as lat
-from ._lazy import is_available
 from .backends.base import Backend, backend_factory
 from .budget import Budget, trained_budgets
 from .denoise import StepCallback, cfg_combine, denoise
@@ -455,10 +454,10 @@ def _compiled_text_encoder(art_dir: Path, manifest: Manifest, backend: str, conf
                            condition_area: int, positions: str):
     """The exported prompt encoder when the artifacts hold one (``manifest.text``), else None."""
     from .text_onnx import CompiledPromptEncoder, text_record
+    from .text_runners import text_graph_runners, text_runtime
 
-    if text_record(art_dir, manifest) is None or not is_available("onnxruntime"):
-        return None  # older artifacts, or no ONNX Runtime to run the text graphs: transformers encodes
-    from .text_runners import text_graph_runners
+    if text_record(art_dir, manifest) is None or text_runtime(backend) is None:
+        return None  # older artifacts, or no runtime for the text graphs: transformers encodes
 
     return CompiledPromptEncoder.from_artifacts(art_dir, manifest, text_graph_runners(art_dir, manifest, backend),
                                                 condition_area=condition_area,

@@ -220,8 +220,9 @@ def test_compiled_tiny_has_text_graphs_matching_transformers(tiny_artifacts: Pat
 
     cfg = model.config
     merged = 6 * 10 // 4  # the first image's tokens
-    input_ids = torch.tensor([[5, 6, cfg.vision_start_token_id, *[cfg.image_token_id] * merged,
-                               cfg.vision_end_token_id, *[7] * 30]])
+    text = 40  # an ordinary token (the tiny vocabulary's specials sit below 10)
+    input_ids = torch.tensor([[text, text + 1, cfg.vision_start_token_id, *[cfg.image_token_id] * merged,
+                               cfg.vision_end_token_id, *[text + 2] * 30]])
     positions = mrope_positions(model, input_ids, grids[:1])
     embeds = table[input_ids[0].numpy()].copy()[None]
     embeds[0, input_ids[0].numpy() == cfg.image_token_id] = got[:merged]

@@ -185,3 +185,36 @@ def test_damaged_text_file_refused_at_load(text_art, copy_artifacts):
     (art / "text" / "tokenizer.json").write_text("{}")
     with pytest.raises(ManifestError, match="tokenizer.json"):
         Pipeline.from_artifacts(art, backend="ort")
+
+
+def test_openvino_runs_the_text_graphs_like_ort(text_art, references):
+    pytest.importorskip("openvino")
+    from uniref_deploy.runtime.text_runners import text_graph_runners
+
+    manifest = Manifest.load(text_art)
+    embeds = {}
+    for backend in ("ort", "openvino"):
+        encoder = CompiledPromptEncoder.from_artifacts(text_art, manifest, text_graph_runners(text_art, manifest, backend))
+        embeds[backend], _ = encoder.encode(PROMPT, references[:2])
+    want = embeds["ort"]
+    assert embeds["openvino"].shape == want.shape
+    assert np.abs(embeds["openvino"] - want).max() <= 1e-4 * np.abs(want).max()
+
+
+BLOCKED_PROBE = """
+import json, sys
+for name in ("onnxruntime", "torch", "transformers", "diffusers", "onnx"):
+    sys.modules[name] = None  # as in a `pip install '.[openvino]'` venv: importing any of them fails
+from uniref_deploy.tools.cli import main
+print(json.dumps({"code": main(sys.argv[1:])}))
+"""
+
+
+def test_openvino_only_install_edits(text_art, references, tmp_path):
+    pytest.importorskip("openvino")
+    references[0].save(tmp_path / "r0.png")
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_PROBE, "edit", str(text_art), "--backend", "openvino",
+                           "--prompt", PROMPT, "--image", str(tmp_path / "r0.png"), "--steps", "2", "--budget", "512",
+                           "-o", str(tmp_path / "out.png")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["code"] == 0, proc.stderr
+    assert Image.open(tmp_path / "out.png").size[0] > 0
