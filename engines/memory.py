@@ -1,14 +1,14 @@
 """GPU memory plan: for each engine and profile, weight bytes, an activation estimate, and whether it fits.
 
 Weights are counted from the ONNX initializers (and ``Constant`` tensors) at their stored type, read from the graph
-proto without loading external data: an fp16 graph counts 2 bytes a weight, the FP8 Q/DQ graph 1 byte for its
-float8 weights plus their scales. The engine holds its weights once, whatever its number of profiles.
+proto without loading external data: an fp16 graph counts 2 bytes a weight, the FP8 and INT8 Q/DQ graphs 1 byte
+for their float8 / int8 weights plus their scales. The engine holds its weights once, whatever its number of profiles.
 
 Activations (at a profile's max shapes, assuming fused attention, so no ``tokens x tokens`` score tensor) are an
 analytic upper estimate of the peak live tensors inside one layer; TensorRT reuses activation memory across layers:
 
 * DiT: ``B * T * D * e * 16`` plus the inputs (``B * txt * joint_dim * e``), with ``B`` the batch, ``T`` image +
-  text tokens, ``D = heads * head_dim`` and ``e`` bytes per activation (4 for fp32 graphs, else 2). The 16 counts
+  text tokens, ``D = heads * head_dim`` and ``e`` bytes per activation (4 for fp32 and int8 graphs, else 2). The 16 counts
   the residual stream, its modulated norm, q/k/v and their RoPE'd copies (5), the attention output and the MLP's
   up projection and GELU output (4 + 4).
 * Prompt encoder (``text_vision`` over ``N`` patches, ``text_encoder`` over ``L`` tokens, widths and heads from
@@ -126,7 +126,7 @@ def text_activation_bytes(graph: str, axes: Mapping[str, int], dims: EncoderDims
 def activation_bytes(graph: str, axes: Mapping[str, int], model: ModelConfig, weights: WeightStats,
                      precision: str, text_dims: EncoderDims | None = None) -> int:
     """Activation estimate of ``graph`` at axis sizes ``axes`` (see the module docstring for the formulas)."""
-    e = 4 if precision == "fp32" else 2
+    e = 4 if precision in ("fp32", "int8") else 2  # the int8 Q/DQ graph keeps fp32 between its int8 GEMMs
     if graph in (TEXT_VISION, TEXT_ENCODER):
         if text_dims is None:
             raise ManifestError(f"The memory plan needs {TEXT_DIR}/config.json to size the {graph} engine.",

@@ -21,7 +21,7 @@ from uniref_deploy.runtime.fileio import atomic_write_text
 from uniref_deploy.runtime.graphs import DIT, VAE_DECODER, VAE_ENCODER
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import GraphSpec, Manifest
-from uniref_deploy.runtime.precision import PRECISIONS, VAE_PRECISIONS
+from uniref_deploy.runtime.precision import INT8_QDQ_VARIANT, PRECISIONS, VAE_PRECISIONS
 from uniref_deploy.runtime.tiling import VaeTiling
 
 from .ranges import axis_ranges, make_profile
@@ -71,7 +71,26 @@ def plan_budgets(manifest: Manifest, budgets: Sequence[Budget | int]) -> tuple[B
 def _missing_dit_reason(precision: str) -> str:
     if precision == "fp8":
         return "the manifest has no FP8 DiT graph (dit.fp8); run `uniref-deploy calibrate` first"
+    if precision == "int8":
+        return ("the manifest has no static INT8 Q/DQ DiT graph (dit.int8 with static activations, or "
+                "dit.int8.qdq); run `uniref-deploy calibrate --precision int8` (not --activations dynamic)")
     return f"the manifest has no dit.{precision} graph; re-run `uniref-deploy export` with --dtypes including {precision}"
+
+
+def dit_graph(manifest: Manifest, precision: str) -> GraphSpec | None:
+    """The DiT graph an engine of ``precision`` is built from, or None.
+
+    int8: TensorRT's explicit quantisation needs the static Q/DQ graph (int8 QuantizeLinear/DequantizeLinear on
+    activations, per-channel weight scales): ``dit.int8.qdq`` when the CPU graph ``dit.int8`` is dynamic, else
+    ``dit.int8`` itself when its activations are static.
+    """
+    if precision == "int8":
+        if manifest.has_graph(DIT, "int8", INT8_QDQ_VARIANT):
+            return manifest.graph(DIT, "int8", INT8_QDQ_VARIANT)
+        if manifest.has_graph(DIT, "int8") and manifest.graph(DIT, "int8").info.get("activation_mode") == "static":
+            return manifest.graph(DIT, "int8")
+        return None
+    return manifest.graph(DIT, precision) if manifest.has_graph(DIT, precision) else None
 
 
 def _engine(graph: GraphSpec, budgets: tuple[Budget, ...], options: PlanOptions, vae_scale: int,
@@ -101,7 +120,8 @@ def make_plan(manifest: Manifest, budgets: Sequence[Budget | int], precisions: S
         budgets (Sequence[Budget | int]): the buckets (``Budget``, trained sides or pixel counts); one profile
             each in every engine.
         precisions (Sequence[str], default ("fp16",)): DiT precisions, from ``PRECISIONS``; each uses the DiT
-            graph of that precision (fp8: the calibrated Q/DQ graph) and is skipped with a reason when absent.
+            graph of that precision (fp8: the calibrated Q/DQ graph; int8: the static int8 Q/DQ graph, for GPUs
+            without FP8) and is skipped with a reason when absent.
         options (PlanOptions | None, default None): shared settings (``PlanOptions()`` when None).
 
     Returns:
@@ -124,8 +144,9 @@ def make_plan(manifest: Manifest, budgets: Sequence[Budget | int], precisions: S
     engines: list[EnginePlan] = []
     skipped: list[SkippedEngine] = []
     for p in dict.fromkeys(precisions):
-        if manifest.has_graph(DIT, p):
-            engines.append(_engine(manifest.graph(DIT, p), chosen, options, vae_scale))
+        graph = dit_graph(manifest, p)
+        if graph is not None:
+            engines.append(_engine(graph, chosen, options, vae_scale))
         else:
             skipped.append(SkippedEngine(DIT, p, _missing_dit_reason(p)))
     for name in (VAE_ENCODER, VAE_DECODER):

@@ -3,7 +3,8 @@
 ``build_preset("tiny", out_dir)`` writes a complete diffusers-format folder (``model_index.json``, ``transformer/``,
 ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, ``processor/``) that
 ``diffusers.QwenImageEditPlusPipeline.from_pretrained(out_dir)`` loads and runs on CPU. The weights are random but
-fully determined by ``(name, seed)``; ``preset.json`` records name, seed, format version and parameter counts.
+fully determined by ``(name, seed)``; ``preset.json`` records name, seed, format version and parameter counts,
+and, for a preset built with ``outliers=True``, the injected activation outliers (``presets/outliers.py``).
 
 Two sizes:
 
@@ -50,6 +51,8 @@ from uniref_deploy.runtime.pipeline_classes import (
     SYSTEM_PREFIX_TOKENS,
 )
 from uniref_deploy.runtime.scheduler import QWEN_IMAGE_SCHEDULER_CONFIG
+
+from .outliers import inject_outliers
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +224,9 @@ PRESETS: dict[str, PresetSpec] = {
 }
 
 
-def build_preset(name: str, out_dir: str | Path, seed: int = 0, pipeline_class: str = EDIT_PLUS) -> Path:
+def build_preset(
+    name: str, out_dir: str | Path, seed: int = 0, pipeline_class: str = EDIT_PLUS, outliers: bool = False
+) -> Path:
     """Write preset ``name`` with weights seeded by ``seed`` to ``out_dir`` (atomically) and return ``out_dir``.
 
     Args:
@@ -230,6 +235,9 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0, pipeline_class: 
         seed (int, default 0): seeds every component's random initialisation.
         pipeline_class (str, default Edit-Plus): the diffusers class written to ``model_index.json``, a key of
             ``runtime.pipeline_classes.PIPELINE_CLASSES`` (the components are the same for both).
+        outliers (bool, default False): give the DiT's attention and MLP inputs a few outlier channels, as trained
+            DiTs have, without changing its output (``presets/outliers.py``); recorded under ``outliers`` in
+            ``preset.json``.
 
     Returns:
         Path: ``out_dir``, loadable by ``from_pretrained`` of ``pipeline_class``.
@@ -247,9 +255,9 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0, pipeline_class: 
     for module in ("torch", "diffusers", "transformers", "tokenizers", "safetensors"):
         require(module, extra="torch")
     out_dir = Path(out_dir)
-    identity = (name, seed, pipeline_class)
+    identity = (name, seed, pipeline_class, outliers)
     if _holds_preset(out_dir, identity):
-        logger.info("preset %s (seed %d) already in %s; skipping", name, seed, out_dir)
+        logger.info("preset %s (seed %d, outliers %s) already in %s; skipping", name, seed, outliers, out_dir)
         return out_dir
     _check_free(out_dir)
 
@@ -258,13 +266,14 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0, pipeline_class: 
     logger.info("building preset %s (seed %d) into %s", name, seed, out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        _write_components(spec, tmp, seed, pipeline_class)
+        outlier_record = _write_components(spec, tmp, seed, pipeline_class, outliers)
         counts = preset_parameter_counts(tmp)
         record = {
             "name": name,
             "seed": seed,
             "pipeline_class": pipeline_class,
             "version": PRESET_FORMAT_VERSION,
+            "outliers": outlier_record,
             "parameters": counts,
             "spec": asdict(spec),
             "libraries": _library_versions(),
@@ -317,12 +326,12 @@ def read_preset_record(out_dir: str | Path) -> dict[str, Any] | None:
 # --- destination handling --------------------------------------------------------------------------------------
 
 
-def _holds_preset(out_dir: Path, identity: tuple[str, int, str]) -> bool:
-    """True when ``out_dir`` already holds the preset (name, seed, pipeline class) of this format version."""
+def _holds_preset(out_dir: Path, identity: tuple[str, int, str, bool]) -> bool:
+    """True when ``out_dir`` already holds the preset (name, seed, pipeline class, outliers) of this version."""
     record = read_preset_record(out_dir)
     if not record:
         return False
-    have = (record.get("name"), record.get("seed"), record.get("pipeline_class", EDIT_PLUS))
+    have = (record.get("name"), record.get("seed"), record.get("pipeline_class", EDIT_PLUS), bool(record.get("outliers")))
     return have == identity and record.get("version") == PRESET_FORMAT_VERSION
 
 
@@ -331,6 +340,7 @@ def _check_free(out_dir: Path) -> None:
         record = read_preset_record(out_dir)
         got = (
             f"preset {record.get('name')!r} seed {record.get('seed')} version {record.get('version')}"
+            f"{' with outliers' if record.get('outliers') else ''}"
             if record
             else "other content"
         )
@@ -340,7 +350,7 @@ def _check_free(out_dir: Path) -> None:
         )
 
 
-def _publish(tmp: Path, out_dir: Path, identity: tuple[str, int, str]) -> None:
+def _publish(tmp: Path, out_dir: Path, identity: tuple[str, int, str, bool]) -> None:
     """Rename the finished build onto ``out_dir``; a concurrent identical build that won the race is accepted."""
     with contextlib.suppress(OSError):
         out_dir.rmdir()  # an empty destination folder is replaced
@@ -385,20 +395,26 @@ def _seeded(seed: int, component: str) -> Iterator[None]:
         yield
 
 
-def _write_components(spec: PresetSpec, folder: Path, seed: int, pipeline_class: str) -> None:
+def _write_components(
+    spec: PresetSpec, folder: Path, seed: int, pipeline_class: str, outliers: bool
+) -> dict[str, Any] | None:
+    """Build and save every component; return the outlier record (None without outliers)."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     tokenizer = _build_tokenizer(spec)
+    transformer = _build_transformer(spec, seed)
+    outlier_record = inject_outliers(transformer, seed) if outliers else None
     pipe = getattr(diffusers, pipeline_class)(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=_build_vae(spec, seed),
         text_encoder=_build_text_encoder(spec, tokenizer, seed),
         tokenizer=tokenizer,
         processor=_build_processor(spec, tokenizer),
-        transformer=_build_transformer(spec, seed),
+        transformer=transformer,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    return outlier_record
 
 
 def _build_tokenizer(spec: PresetSpec) -> Any:
