@@ -2,12 +2,16 @@
 
     python benchmarks/bench_large_export.py --out reports/lean_bench            # 60 layers, ~40 GB
     python benchmarks/bench_large_export.py --layers 4 --out /tmp/lean_small    # quick check
+    python benchmarks/bench_large_export.py --cli --dtype fp16 --lora-rank 16   # `uniref-deploy export --lean --lora`
 
 1. writes a diffusers-style bf16 checkpoint of random weights shard by shard (never the whole model in memory):
    ``transformer/diffusion_pytorch_model-0000X-of-0000N.safetensors`` + index json + config.json;
 2. copies the tensors of the first and last block aside (the reference for the checks);
 3. runs ``export_dit_lean`` in a child process, sampling its RSS (psutil) and reading its ru_maxrss;
    with ``--consume-shards`` (default for this random checkpoint) each shard is deleted once streamed;
+   with ``--lora-rank R`` a random rank-R LoRA on the attention and MLP linears of every block (both streams) is
+   written first and fused while streaming; with ``--cli`` the child is ``uniref-deploy export MODEL --lean
+   --consume-shards --no-validate`` on a full diffusers folder (random real-config VAE, scheduler, model_index);
 4. checks the streamed initializers of those blocks byte for byte against the reference and runs one block forward
    in fp32 torch with weights read back from ``dit.onnx.data`` vs from the reference;
 5. prints a table, writes ``DIR/lean_export_bench.json``, and deletes the big files unless ``--keep``.
@@ -115,16 +119,71 @@ def copy_reference(tdir: Path, prefixes: list[str], dest: Path) -> dict[str, tup
     return out
 
 
-def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats_path: Path) -> dict:
-    """export_dit_lean in a child process; peak RSS from psutil sampling and from ru_maxrss of the child."""
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                "txt_mlp.net.2")
+
+
+def write_lora(path: Path, config: dict, rank: int, seed: int = 1) -> dict:
+    """A random bf16 rank-``rank`` LoRA (diffusers/PEFT keys) on ``LORA_TARGETS`` of every block; returns sizes."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = parameter_shapes(config)
+    tensors = {}
+    for key, shape in shapes.items():
+        module = key.removesuffix(".weight")
+        if key.startswith("transformer_blocks.") and key.endswith(".weight") and module.endswith(LORA_TARGETS):
+            out_f, in_f = shape
+            tensors[f"transformer.{module}.lora_A.weight"] = (torch.randn(rank, in_f, generator=gen) / in_f**0.5).bfloat16()
+            tensors[f"transformer.{module}.lora_B.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.01).bfloat16()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return {"rank": rank, "layers": len(tensors) // 2, "parameters": sum(t.numel() for t in tensors.values()),
+            "bytes": path.stat().st_size}
+
+
+def write_pipeline_files(root: Path) -> None:
+    """model_index.json, scheduler config and a random VAE of the published config (what `export` reads besides
+    the transformer)."""
+    import diffusers
+    import torch
+
+    real = json.loads(Path("/work/shared/real-configs/qwen-image-edit.json").read_text()) if Path(
+        "/work/shared/real-configs/qwen-image-edit.json").is_file() else None
+    vae_config = {k: v for k, v in (real["vae"] if real else {}).items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    diffusers.AutoencoderKLQwenImage(**vae_config).save_pretrained(root / "vae")
+    scheduler = {k: v for k, v in (real["scheduler"] if real else {}).items() if not k.startswith("_")}
+    diffusers.FlowMatchEulerDiscreteScheduler(**scheduler).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "QwenImageEditPlusPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "transformer":
+        ["diffusers", "QwenImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=1))
+
+
+def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats_path: Path,
+              lora: Path | None = None, cli: bool = False, code: str | None = None) -> dict:
+    """The lean export in a child process (export_dit_lean, or ``code`` with the same argv, or with ``cli`` the
+    `uniref-deploy export` command); peak RSS from psutil sampling and from ru_maxrss of the child."""
     import psutil
 
-    code = ("import json,sys; from uniref_deploy.export.lean import export_dit_lean as e; "
-            "s=e(sys.argv[1], sys.argv[2], None, dtype=sys.argv[3], progress=lambda m: print(m, flush=True), "
-            "consume_shards=sys.argv[4]=='1'); open(sys.argv[5],'w').write(json.dumps(s))")
+    if cli:
+        art = onnx_path.parent
+        cmd = [sys.executable, "-m", "uniref_deploy.tools.cli", "export", str(model_dir), "--out", str(art), "--lean",
+               "--no-validate", "--dtypes", dtype, *(["--consume-shards"] if consume else []),
+               *(["--lora", str(lora)] if lora else [])]
+    else:
+        code = code or ("import json,sys; from pathlib import Path; from uniref_deploy.export.lean import export_dit_lean as e; "
+                "from uniref_deploy.export.lora import LoraSpec; "
+                "s=e(sys.argv[1], sys.argv[2], None, dtype=sys.argv[3], progress=lambda m: print(m, flush=True), "
+                "consume_shards=sys.argv[4]=='1', loras=[LoraSpec(Path(p)) for p in sys.argv[6:]]); "
+                "s.pop('initializer_keys'); open(sys.argv[5],'w').write(json.dumps(s))")
+        cmd = [sys.executable, "-c", code, str(model_dir), str(onnx_path), dtype, "1" if consume else "0",
+               str(stats_path), *([str(lora)] if lora else [])]
     before = _children_maxrss()
-    proc = subprocess.Popen([sys.executable, "-c", code, str(model_dir), str(onnx_path), dtype, "1" if consume else "0",
-                             str(stats_path)])
+    proc = subprocess.Popen(cmd)
     peak = {"rss": 0}
 
     def sample():
@@ -144,11 +203,26 @@ def run_child(model_dir: Path, onnx_path: Path, dtype: str, consume: bool, stats
     sampler.join()
     if rc != 0:
         raise SystemExit(f"bench: the export child failed with exit code {rc}")
-    stats = json.loads(stats_path.read_text())
+    stats = json.loads(stats_path.read_text()) if not cli else _cli_stats(onnx_path.parent, dtype, wall)
     maxrss = _children_maxrss()
     stats.update(child_wall_seconds=round(wall, 1), child_peak_rss_sampled_bytes=peak["rss"],
                  child_ru_maxrss_bytes=maxrss if maxrss > before else None)
     return stats
+
+
+def _cli_stats(art: Path, dtype: str, wall: float) -> dict:
+    """The figures of a CLI export, from its manifest (graph info and export stage record)."""
+    manifest = json.loads((art / "manifest.json").read_text())
+    graph = next(g for g in manifest["graphs"] if g["name"] == "dit" and g["precision"] == dtype)
+    lean = graph["info"].get("lean", {})
+    stage = next(s for s in manifest["stages"] if s["stage"] == "export")
+    data = art / (graph["file"] + ".data")
+    return {"trace_seconds": lean.get("trace_seconds"), "stream_seconds": lean.get("stream_seconds"),
+            "initializers": lean.get("initializers"), "lora_layers": lean.get("lora_layers"),
+            "peak_rss_bytes": lean.get("peak_rss_bytes"), "seconds": stage["seconds"],
+            "graph_bytes": (art / graph["file"]).stat().st_size, "data_bytes": data.stat().st_size,
+            "streamed_bytes": data.stat().st_size, "smoke": graph["info"].get("smoke"),
+            "stage_results": stage["results"], "wall_seconds": round(wall, 1)}
 
 
 def _children_maxrss() -> int:
@@ -157,10 +231,18 @@ def _children_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
-def check_blocks(onnx_path: Path, ref_dir: Path, ref: dict, config: dict, blocks: list[int]) -> dict:
-    """Byte-compare the streamed initializers with the reference copies; one fp32 block forward each way."""
+def check_blocks(onnx_path: Path, ref_dir: Path, ref: dict, config: dict, blocks: list[int], dtype: str = "bf16",
+                 deltas: dict | None = None) -> dict:
+    """Byte-compare the streamed initializers with the reference copies (converted to ``dtype`` and LoRA-fused
+    independently of the stream, through export/lean_lora.py's float32 math); for a plain bf16 export also one fp32
+    block forward each way."""
     import onnx
     import torch
+
+    from uniref_deploy.export.lean_lora import fuse_bytes
+
+    deltas = deltas or {}
+    onnx_type = {"bf16": onnx.TensorProto.BFLOAT16, "fp16": onnx.TensorProto.FLOAT16, "fp32": onnx.TensorProto.FLOAT}
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     import ml_dtypes
@@ -183,8 +265,15 @@ def check_blocks(onnx_path: Path, ref_dir: Path, ref: dict, config: dict, blocks
             f.seek(off)
             streamed[key] = f.read(n)
             compared += n
-            if streamed[key] != (ref_dir / f"{key}.bin").read_bytes():
+            expected = (ref_dir / f"{key}.bin").read_bytes()
+            if dtype != "bf16" or key in deltas:
+                expected = fuse_bytes(expected, "BF16", ref[key][1], onnx_type[dtype], deltas.get(key, []))
+            if streamed[key] != bytes(expected):
                 mismatched.append(key)
+    fused = sum(1 for k in ref if k in deltas and k in by_key)
+    if dtype != "bf16" or deltas:
+        return {"bytes_compared": compared, "mismatched": mismatched, "missing": missing, "lora_fused_compared": fused,
+                "numeric": {}}
     numeric = {}
     import diffusers
 
@@ -225,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--consume-shards", action=argparse.BooleanOptionalAction, default=True,
                     help="delete each shard of the (random) checkpoint once streamed (default on)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the exported files")
+    ap.add_argument("--lora-rank", type=int, default=0, help="fuse a random LoRA of this rank (0: none)")
+    ap.add_argument("--cli", action="store_true", help="run `uniref-deploy export --lean` (the CLI path) as the child")
     args = ap.parse_args(argv)
     config = {**FULL_CONFIG, "num_layers": args.layers}
 
@@ -245,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.workdir / "model"
     onnx_dir = args.workdir / "onnx"
     ref_dir = args.workdir / "reference"
+    lora = args.workdir / "lora.safetensors" if args.lora_rank else None
     try:
         ckpt = write_checkpoint(model_dir, config, args.shard_gb * GB)
+        if args.cli:
+            write_pipeline_files(model_dir)
+        lora_info = write_lora(lora, config, args.lora_rank) if lora else None
         blocks = sorted({0, args.layers - 1})
         prefixes = [f"transformer_blocks.{b}." for b in blocks] + ["img_in.", "proj_out.", "norm_out."]
         ref = copy_reference(model_dir / "transformer", prefixes, ref_dir)
@@ -254,10 +349,21 @@ def main(argv: list[str] | None = None) -> int:
             print("bench: --consume-shards: each checkpoint shard is DELETED as soon as it has been streamed")
         onnx_dir.mkdir(parents=True, exist_ok=True)
         stats = run_child(model_dir, onnx_dir / "dit.onnx", args.dtype, args.consume_shards,
-                          args.workdir / "stats.json")
-        checks = check_blocks(onnx_dir / "dit.onnx", ref_dir, ref, config, blocks) if args.dtype == "bf16" else {}
-        result = {"config": config, "checkpoint": ckpt, "export": stats, "checks": checks,
-                  "free_disk_gb_before": round(free / GB, 1)}
+                          args.workdir / "stats.json", lora=lora, cli=args.cli)
+        if args.cli:
+            onnx_path = onnx_dir / next(g["file"] for g in json.loads((onnx_dir / "manifest.json").read_text())["graphs"]
+                                        if g["name"] == "dit" and g["precision"] == args.dtype)
+        else:
+            onnx_path = onnx_dir / "dit.onnx"
+        deltas = None
+        if lora:
+            from uniref_deploy.export.lean_lora import streamed_deltas
+            from uniref_deploy.export.lora import LoraSpec
+
+            deltas = streamed_deltas(config, [LoraSpec(lora)])
+        checks = check_blocks(onnx_path, ref_dir, ref, config, blocks, args.dtype, deltas)
+        result = {"config": config, "checkpoint": ckpt, "lora": lora_info, "cli": args.cli, "export": stats,
+                  "checks": checks, "free_disk_gb_before": round(free / GB, 1)}
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -275,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                                            f"{stats['child_peak_rss_sampled_bytes'] / 2**30:.2f} GiB"),
         ("shards consumed", str(args.consume_shards)),
     ]
+    if lora_info:
+        rows.insert(1, ("LoRA (random, bf16, PEFT keys)", f"rank {lora_info['rank']} on {lora_info['layers']} layers, "
+                                                          f"{lora_info['parameters'] / 1e6:.0f} M parameters; "
+                                                          f"{stats.get('lora_layers')} fused while streaming"))
     if checks:
         rows.append((f"byte check (blocks {blocks} + io layers)",
                      f"{checks['bytes_compared'] / 1e6:.0f} MB compared, {len(checks['mismatched'])} mismatched, "

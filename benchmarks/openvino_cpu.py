@@ -8,8 +8,9 @@ Usage::
 
 Part 1, one DiT call at each ``--tokens`` image-token count (target and one reference of equal square grids)
 plus ``--text-tokens`` text tokens, the same feeds for every backend: ORT fp32 (portable ``dit.onnx`` and the
-ORT-fused ``dit.ort.onnx``), OpenVINO f32 and bf16 (inference-precision hint on ``dit.onnx``), and the diffusers
-transformer in torch fp32 and bf16. One warm-up call, then ``--runs`` timed calls; medians. Each output's error
+ORT-fused ``dit.ort.onnx``), OpenVINO f32 and bf16 (inference-precision hint on ``dit.onnx``), the INT8 graphs of
+``calibrate --precision int8`` on ORT and OpenVINO (when the artifacts have them), and the diffusers transformer
+in torch fp32 and bf16 (``--dit-backends`` picks rows). One warm-up call, then ``--runs`` timed calls; medians. Each output's error
 against ORT fp32 is recorded too.
 
 Part 2, a ``--steps`` edit end to end (1 reference 256², target 256², no CFG, same prompt, references and initial
@@ -69,7 +70,7 @@ def dit_feeds(config, tokens: int, text_tokens: int, seed: int = 0) -> dict[str,
     return feeds
 
 
-def dit_backends(art: Path, model_dir: Path, threads: int) -> dict:
+def dit_backends(art: Path, model_dir: Path, threads: int, int8_arts: tuple[Path, ...] = ()) -> dict:
     """label -> zero-argument constructor of a DiT backend (built one at a time to bound memory)."""
     from uniref_deploy.runtime.backends.openvino import OpenVinoBackend
     from uniref_deploy.runtime.backends.ort import OrtBackend
@@ -88,10 +89,22 @@ def dit_backends(art: Path, model_dir: Path, threads: int) -> dict:
     if m.has_graph("dit", "fp32", ORT_VARIANT):
         made["ort_fp32_fused"] = lambda: OrtBackend(m.graph("dit", "fp32", ORT_VARIANT), art, threads=threads,
                                                     verify=False)
+    # INT8 graphs from `calibrate --precision int8` (the chosen one and the static Q/DQ one kept beside it);
+    # OpenVINO runs their non-quantised ops at the CPU's best precision, as the backend factory does
+    from uniref_deploy.runtime.backends.openvino import native_bf16
+
+    hint = "bf16" if native_bf16() else "fp32"
+    for root in (art, *int8_arts):  # --int8-art: copies calibrated with other --activations choices
+        for g in (g for g in Manifest.load(root).graphs if g.name == "dit" and g.precision == "int8"):
+            mode = g.info.get("candidate", g.variant or "int8").replace("+", "_")
+            made[f"ort_int8_{mode}"] = lambda g=g, r=root: OrtBackend(g, r, threads=threads, verify=False)
+            made[f"openvino_int8_{mode}"] = lambda g=g, r=root: OpenVinoBackend(g, r, hint, threads=threads,
+                                                                                cache_dir=r / "cache/openvino")
     return made
 
 
-def bench_dit(art: Path, model_dir: Path, tokens: list[int], text_tokens: int, runs: int, threads: int) -> dict:
+def bench_dit(art: Path, model_dir: Path, tokens: list[int], text_tokens: int, runs: int, threads: int,
+              only: list[str] | None = None, int8_arts: tuple[Path, ...] = ()) -> dict:
     from uniref_deploy.runtime.compare import compare
     from uniref_deploy.runtime.manifest import Manifest
 
@@ -99,7 +112,9 @@ def bench_dit(art: Path, model_dir: Path, tokens: list[int], text_tokens: int, r
     feeds = {n: dit_feeds(config, n, text_tokens) for n in tokens}
     results: dict = {}
     reference: dict[int, np.ndarray] = {}
-    for label, make in dit_backends(art, model_dir, threads).items():
+    for label, make in dit_backends(art, model_dir, threads, int8_arts).items():
+        if only and label not in only and label != "ort_fp32":  # ORT fp32 is every row's error reference
+            continue
         backend = make()
         t0 = time.perf_counter()
         backend.activate()
@@ -270,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-backends", default="ort,openvino:auto,openvino:fp32",
                     help=f"our end-to-end variants, from {', '.join(OURS)}")
     ap.add_argument("--diffusers-dtypes", default="float32,bfloat16", help="torch dtypes of the diffusers runs")
+    ap.add_argument("--dit-backends", default="",
+                    help="comma-separated DiT-step rows to run (default all: ort_fp32, ort_fp32_fused, openvino_f32, "
+                         "openvino_bf16, torch_fp32, torch_bf16, ort_int8_<mode>, openvino_int8_<mode>)")
+    ap.add_argument("--int8-art", action="append", default=[],
+                    help="another artifact folder whose INT8 DiT graphs get rows too (e.g. calibrated with "
+                         "--activations dynamic); repeatable")
+    ap.add_argument("--name", default="openvino_cpu", help="stem of the JSON and PNG written into --out")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-start", action="store_true", help="skip the OpenVINO first/second start timing")
     ap.add_argument("--out", default="bench_openvino_cpu")
@@ -292,24 +314,25 @@ def main(argv: list[str] | None = None) -> int:
         "text_tokens": args.text_tokens, "runs": args.runs, "steps": args.steps, "e2e_runs": args.e2e_runs,
     }
     print(f"CPU {report['cpu']}; load {report['load_before']}", flush=True)
-    partial = out / "openvino_cpu.partial.json"  # rewritten after each part, so a killed run leaves its figures
+    partial = out / f"{args.name}.partial.json"  # rewritten after each part, so a killed run leaves its figures
     if not args.skip_start:
         report["openvino_start"] = bench_start(art, args.threads)
     report["dit_step"] = bench_dit(art, model_dir, [int(t) for t in args.tokens.split(",")], args.text_tokens,
-                                   args.runs, args.threads)
+                                   args.runs, args.threads, [b for b in args.dit_backends.split(",") if b],
+                                   tuple(Path(a) for a in args.int8_art))
     partial.write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_e2e:
         report["e2e"] = bench_e2e(art, model_dir, args.steps, args.e2e_runs, args.threads,
                                   [b for b in args.e2e_backends.split(",") if b],
                                   [d for d in args.diffusers_dtypes.split(",") if d])
     report["load_after"] = list(os.getloadavg())
-    (out / "openvino_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     partial.unlink(missing_ok=True)
-    plot(report, out / "openvino_cpu.png")
+    plot(report, out / f"{args.name}.png")
     print(json.dumps({"dit_step": {n: {k: round(v["median_s"], 3) for k, v in rows.items()}
                                    for n, rows in report["dit_step"].items()},
                       "e2e": report.get("e2e", {}).get("ratios")}, indent=1))
-    print(f"wrote {out / 'openvino_cpu.json'}, {out / 'openvino_cpu.png'}")
+    print(f"wrote {out / (args.name + '.json')}, {out / (args.name + '.png')}")
     return 0
 
 

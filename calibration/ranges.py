@@ -89,3 +89,35 @@ def collect_absmax(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterab
         raise CalibrationError(f"Non-finite activations in {len(bad)} tensor(s), first '{bad[0]}'.",
                                "the fp32 graph overflows on the calibration data; check the export.")
     return amax
+
+
+def collect_channel_absmax(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[dict[str, np.ndarray]],
+                           progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Max |x| of each tensor per channel (its last axis) over all feeds; ``collect_absmax`` is its max.
+
+    Raises:
+        CalibrationError: the set is empty, or a tensor never appeared or held non-finite values.
+    """
+    names = list(dict.fromkeys(tensors))
+    inputs = {i.name for i in model.graph.input}
+    out_names = [n for n in names if n not in inputs]
+    sess = session(with_extra_outputs(model, out_names))
+    amax: dict[str, np.ndarray] = {}
+    count = 0
+    for i, feed in enumerate(feeds):
+        values = dict(zip(out_names, sess.run(out_names, feed), strict=True))
+        values.update({n: feed[n] for n in names if n in inputs})
+        for name in names:
+            v = values[name]
+            ch = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0).astype(np.float32)
+            amax[name] = np.maximum(amax[name], ch) if name in amax else ch
+        count += 1
+        if progress is not None:
+            progress(i)
+    if count == 0:
+        raise CalibrationError("The calibration set is empty.", "pass --samples 1 or more.")
+    bad = [n for n, v in amax.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise CalibrationError(f"Non-finite activations in {len(bad)} tensor(s), first '{bad[0]}'.",
+                               "the fp32 graph overflows on the calibration data; check the export.")
+    return amax

@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 def bucket_accuracy(calset: CalibrationSet, bucket: Budget, fp32: Backend, fp8: Backend, decoder: Backend,
                     steps: int, seed: int) -> dict:
     """One edit (up to 3 procedural references, a 64-token random prompt) denoised at both precisions."""
+    return bucket_accuracies(calset, bucket, fp32, {"fp8": fp8}, decoder, steps, seed)["fp8"]
+
+
+def bucket_accuracies(calset: CalibrationSet, bucket: Budget, fp32: Backend, candidates: dict[str, Backend],
+                      decoder: Backend, steps: int, seed: int) -> dict[str, dict]:
+    """``bucket_accuracy`` for several quantised DiTs against one fp32 run: candidate name -> its figures."""
     rng = np.random.default_rng(seed + bucket.pixels)
     config = calset.config
     pool = procedural_images(count=4, seed=seed + 1)
@@ -51,29 +57,33 @@ def bucket_accuracy(calset: CalibrationSet, bucket: Budget, fp32: Backend, fp8: 
     text = rng.standard_normal((1, 64, config.text_hidden_size), dtype=np.float32)
     static = dit_static_feeds(config, calset.rope, layout, text, np.ones((1, 64), dtype=bool))
     noise = lat.initial_noise(seed, config.latent_channels, tgt.latent_h, tgt.latent_w)
-    results = {}
-    for name, dit in (("fp32", fp32), ("fp8", fp8)):
+
+    def run(dit: Backend):
         sched = FlowMatchEulerScheduler(calset.scheduler_config)
         sched.set_timesteps(steps, image_seq_len=layout.num_target_tokens)
-        results[name] = denoise(dit, [static], noise, ref_tokens, sched, keep_velocities=True)
-    cos = [compare("velocity", b, a).cosine
-           for a, b in zip(results["fp32"].velocities, results["fp8"].velocities, strict=True)]
-    images = {}
-    for name, run in results.items():
-        latent = lat.denormalize(lat.unpack(run.latents, tgt.latent_h, tgt.latent_w), calset.mean, calset.std)
-        images[name] = from_model_output(np.clip(decoder.infer({"latent": latent})["image"], -1.0, 1.0))
-    ref_latent = results["fp32"].latents
-    return {
-        "bucket": bucket.pixels,
-        "target": [tgt.width, tgt.height],
-        "image_tokens": layout.num_image_tokens,
-        "steps": steps,
-        "cosine_per_step": [round(c, 6) for c in cos],
-        "cosine_min": round(min(cos), 6),
-        "cosine_mean": round(float(np.mean(cos)), 6),
-        "latent_psnr_db": round(psnr(results["fp8"].latents, ref_latent, float(np.abs(ref_latent).max())), 2),
-        "image_psnr_db": round(psnr(images["fp8"], images["fp32"]), 2),
-    }
+        result = denoise(dit, [static], noise, ref_tokens, sched, keep_velocities=True)
+        latent = lat.denormalize(lat.unpack(result.latents, tgt.latent_h, tgt.latent_w), calset.mean, calset.std)
+        return result, from_model_output(np.clip(decoder.infer({"latent": latent})["image"], -1.0, 1.0))
+
+    ref, ref_image = run(fp32)
+    peak = float(np.abs(ref.latents).max())
+    out = {}
+    for name, dit in candidates.items():
+        got, image = run(dit)
+        dit.deactivate()  # one candidate in memory at a time
+        cos = [compare("velocity", b, a).cosine for a, b in zip(ref.velocities, got.velocities, strict=True)]
+        out[name] = {
+            "bucket": bucket.pixels,
+            "target": [tgt.width, tgt.height],
+            "image_tokens": layout.num_image_tokens,
+            "steps": steps,
+            "cosine_per_step": [round(c, 6) for c in cos],
+            "cosine_min": round(min(cos), 6),
+            "cosine_mean": round(float(np.mean(cos)), 6),
+            "latent_psnr_db": round(psnr(got.latents, ref.latents, peak), 2),
+            "image_psnr_db": round(psnr(image, ref_image), 2),
+        }
+    return out
 
 
 def write_report(art_dir: str | os.PathLike, report: dict) -> tuple[Path, Path | None]:

@@ -201,7 +201,8 @@ def _up_to_date(manifest: Manifest, art_dir: Path, engine: EnginePlan, env: Buil
 
 
 def _check_onnx(manifest: Manifest, art_dir: Path, engine: EnginePlan, verify: bool, verified: set[str]) -> Path:
-    graph = manifest.graph(engine.graph, engine.precision)
+    graph = next((g for g in manifest.graphs if g.file == engine.onnx_file), None)  # a variant (dit.int8.qdq) too
+    graph = graph or manifest.graph(engine.graph, engine.precision)
     if graph.sha256 != engine.onnx_sha256 or graph.file != engine.onnx_file:
         raise ManifestError(
             f"The plan for {engine.name} was made from another {graph.key} graph than the manifest now lists.",

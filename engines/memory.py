@@ -1,16 +1,20 @@
 """GPU memory plan: for each engine and profile, weight bytes, an activation estimate, and whether it fits.
 
 Weights are counted from the ONNX initializers (and ``Constant`` tensors) at their stored type, read from the graph
-proto without loading external data: an fp16 graph counts 2 bytes a weight, the FP8 Q/DQ graph 1 byte for its
-float8 weights plus their scales. The engine holds its weights once, whatever its number of profiles.
+proto without loading external data: an fp16 graph counts 2 bytes a weight, the FP8 and INT8 Q/DQ graphs 1 byte
+for their float8 / int8 weights plus their scales. The engine holds its weights once, whatever its number of profiles.
 
 Activations (at a profile's max shapes, assuming fused attention, so no ``tokens x tokens`` score tensor) are an
 analytic upper estimate of the peak live tensors inside one layer; TensorRT reuses activation memory across layers:
 
 * DiT: ``B * T * D * e * 16`` plus the inputs (``B * txt * joint_dim * e``), with ``B`` the batch, ``T`` image +
-  text tokens, ``D = heads * head_dim`` and ``e`` bytes per activation (4 for fp32 graphs, else 2). The 16 counts
+  text tokens, ``D = heads * head_dim`` and ``e`` bytes per activation (4 for fp32 and int8 graphs, else 2). The 16 counts
   the residual stream, its modulated norm, q/k/v and their RoPE'd copies (5), the attention output and the MLP's
   up projection and GELU output (4 + 4).
+* Prompt encoder (``text_vision`` over ``N`` patches, ``text_encoder`` over ``L`` tokens, widths and heads from
+  ``ART/text/config.json``): ``S * D * e * 16`` like the DiT, plus the explicit float32 attention scores and
+  weights of one layer (``2 * H * S * S * 4``: the graphs add a mask, so attention is not assumed fused) and the
+  float32 mask inputs (vision: two ``N x N``, LM: one ``L x L``).
 * VAE encoder/decoder: ``H * W * C * e * 8`` at the full-resolution stage (``C`` the channels of the first conv of
   the encoder, the last conv of the decoder, read from the graph): a causal 3-D conv pads one frame to three
   (x3), plus its output, the norm and the residual.
@@ -30,6 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uniref_deploy.runtime.budget import Budget
+from uniref_deploy.runtime.encoder_io import (
+    PATCHES,
+    TEXT_DIR,
+    TEXT_ENCODER,
+    TEXT_LEN,
+    TEXT_VISION,
+    EncoderDims,
+)
 from uniref_deploy.runtime.errors import InputError, ManifestError
 from uniref_deploy.runtime.graphs import (
     BATCH,
@@ -102,10 +114,24 @@ def onnx_weight_stats(path: str | Path) -> WeightStats:
     return WeightStats(sum(sizes), max(sizes, default=0), channels)
 
 
+def text_activation_bytes(graph: str, axes: Mapping[str, int], dims: EncoderDims, e: int) -> int:
+    """Activation estimate of a prompt-encoder graph (module docstring)."""
+    if graph == TEXT_VISION:
+        n, width, heads, masks = axes[PATCHES], dims.vision_hidden, dims.vision_heads, 2
+    else:
+        n, width, heads, masks = axes[TEXT_LEN], dims.hidden, dims.heads, 1
+    return int(n * width * e * DIT_ACTIVATION_FACTOR + (2 * heads + masks) * n * n * 4)
+
+
 def activation_bytes(graph: str, axes: Mapping[str, int], model: ModelConfig, weights: WeightStats,
-                     precision: str) -> int:
+                     precision: str, text_dims: EncoderDims | None = None) -> int:
     """Activation estimate of ``graph`` at axis sizes ``axes`` (see the module docstring for the formulas)."""
-    e = 4 if precision == "fp32" else 2
+    e = 4 if precision in ("fp32", "int8") else 2  # the int8 Q/DQ graph keeps fp32 between its int8 GEMMs
+    if graph in (TEXT_VISION, TEXT_ENCODER):
+        if text_dims is None:
+            raise ManifestError(f"The memory plan needs {TEXT_DIR}/config.json to size the {graph} engine.",
+                                "re-run `uniref-deploy export`.")
+        return text_activation_bytes(graph, axes, text_dims, e)
     batch = axes.get(BATCH, 1)
     if graph == DIT:
         t = model.transformer
@@ -201,12 +227,12 @@ def profile_memory(budget: Budget, activations: int, weights: WeightStats, gpu_b
 
 
 def engine_memory(engine: EnginePlan, model: ModelConfig, weights: WeightStats, gpu_bytes: int,
-                  reserve: int = RESERVE_BYTES) -> EngineMemory:
+                  reserve: int = RESERVE_BYTES, text_dims: EncoderDims | None = None) -> EngineMemory:
     """The memory of every profile of ``engine`` (at each profile's max axis sizes)."""
     profiles = []
     for p in engine.profiles:
         axes = {name: rng.max for name, rng in p.axes}
-        act = activation_bytes(engine.graph, axes, model, weights, engine.precision)
+        act = activation_bytes(engine.graph, axes, model, weights, engine.precision, text_dims)
         profiles.append(profile_memory(p.budget, act, weights, gpu_bytes, engine.graph == DIT, reserve))
     return EngineMemory(engine.name, weights.total, weights.largest, tuple(profiles))
 
@@ -223,8 +249,9 @@ def memory_plan(plan: BuildPlan, model: ModelConfig, art_dir: str | Path, gpu_gi
         raise InputError(f"--gpu-memory must be a positive number of GiB, got {gpu_gib}.", "e.g. --gpu-memory 80.")
     gpu = int(gpu_gib * GIB)
     root = Path(art_dir)
+    dims = _text_dims(root)
     mem = MemoryPlan(gpu, reserve, tuple(
-        engine_memory(e, model, onnx_weight_stats(root / e.onnx_file), gpu, reserve) for e in plan.engines))
+        engine_memory(e, model, onnx_weight_stats(root / e.onnx_file), gpu, reserve, dims) for e in plan.engines))
     if mem.engines and not mem.runnable_budgets():
         worst = min((max(p.need_bytes for e in mem.engines for p in e.profiles if p.budget == b), b)
                     for b in {p.budget for e in mem.engines for p in e.profiles})
@@ -234,6 +261,14 @@ def memory_plan(plan: BuildPlan, model: ModelConfig, art_dir: str | Path, gpu_gi
             "pass a larger --gpu-memory, smaller --budgets, or build the fp8 DiT.",
         )
     return mem
+
+
+def _text_dims(root: Path) -> EncoderDims | None:
+    """The prompt encoder's sizes from ``ART/text/config.json`` (None when the artifacts have no text graphs)."""
+    import json
+
+    path = root / TEXT_DIR / "config.json"
+    return EncoderDims.from_config(json.loads(path.read_text())) if path.is_file() else None
 
 
 def format_memory(mem: MemoryPlan) -> str:
@@ -246,7 +281,7 @@ def format_memory(mem: MemoryPlan) -> str:
             rows.append((e.engine if i == 0 else "", f"{i}: b{p.budget.name}", f"{e.weight_bytes / GIB:.2f}",
                          f"{p.activation_bytes / GIB:.2f}", f"{p.need_bytes / GIB:.2f}", verdict))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = [f"memory plan (reserve {mem.reserve_bytes / GIB:g} GiB per engine; fused attention assumed):"]
+    lines = [f"memory plan (reserve {mem.reserve_bytes / GIB:g} GiB per engine; fused attention assumed in the DiT):"]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in range(len(r))).rstrip() for r in rows]
     lines.append("runnable buckets: " + (", ".join(b.name for b in mem.runnable_budgets()) or "none"))
     return "\n".join(lines)

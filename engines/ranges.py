@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from uniref_deploy.runtime.budget import Budget
+from uniref_deploy.runtime.encoder_io import MERGED, PATCHES, TEXT_ENCODER, TEXT_LEN, TEXT_VISION
 from uniref_deploy.runtime.errors import ManifestError, PackingError
 from uniref_deploy.runtime.graphs import (
     BATCH,
@@ -106,7 +107,23 @@ def _tiled(side: AxisRange, tile: int | None) -> AxisRange:
     return AxisRange(min(side.min, PIXELS_PER_TOKEN_SIDE), min(side.opt, tile), tile)
 
 
-def axis_ranges(graph: str, budget: Budget, options: PlanOptions, vae_scale: int = 8) -> dict[str, AxisRange]:
+def text_ranges(graph: str, budget: Budget, text: Mapping) -> dict[str, AxisRange]:
+    """Prompt-encoder axis ranges of ``budget`` from the manifest's ``text`` record (limits: encoder_io.py).
+
+    ``text_vision``: 1 merged token (the smallest image) .. the most patches a prompt sends in this bucket, opt
+    one condition image; ``text_encoder``: 1 .. ``max_text_len`` tokens, opt the dropped template part + 256.
+    """
+    if graph == TEXT_VISION:
+        unit = int(text.get("merge_unit", 4))
+        most = int(text.get("vision_patches", {}).get(str(budget.pixels), text["vision_max_patches"]))
+        opt = min(int(text.get("vision_opt_patches", most)), most)
+        return {PATCHES: AxisRange(unit, opt, most), MERGED: AxisRange(1, opt // unit, most // unit)}
+    longest = int(text["max_text_len"])
+    return {TEXT_LEN: AxisRange(1, min(int(text.get("opt_text_len", longest)), longest), longest)}
+
+
+def axis_ranges(graph: str, budget: Budget, options: PlanOptions, vae_scale: int = 8,
+                text: Mapping | None = None) -> dict[str, AxisRange]:
     """Named dynamic-axis ranges of ``graph`` in ``budget``.
 
     Args:
@@ -114,11 +131,14 @@ def axis_ranges(graph: str, budget: Budget, options: PlanOptions, vae_scale: int
         budget (Budget): the bucket.
         options (PlanOptions): cfg_batch, max_aspect, opt_text_tokens are used.
         vae_scale (int, default 8): VAE spatial downsample (latent side = pixel side / vae_scale).
+        text (Mapping | None): the manifest's ``text`` record, for the prompt-encoder graphs.
 
     Returns:
         dict[str, AxisRange]: axis name -> range.
     """
     single = AxisRange(1, 1, 1)
+    if graph in (TEXT_VISION, TEXT_ENCODER) and text:
+        return text_ranges(graph, budget, text)
     if graph == DIT:
         return {
             BATCH: AxisRange(1, 2 if options.cfg_batch else 1, 2),

@@ -50,6 +50,8 @@ from uniref_deploy.runtime.rope import RopeCache, RopeConfig
 from uniref_deploy.runtime.tiling import DEFAULT_STRIDE, DEFAULT_TILE, TILING_KEY, VaeTiling
 
 from .graph_export import DEFAULT_OPSET, export_graph
+from .lean import transformer_dir
+from .lean_lora import LEAN_SOURCE_FILE, streamed_deltas, write_lean_lora_index
 from .lean_rule import choose_lean, exceeds_ram_fraction
 from .lora import LoraSpec, fuse_loras, save_lora_base, validate_loras
 from .lora_swap import write_lora_index
@@ -100,6 +102,8 @@ class ExportOptions:
     scheduler_config: a scheduler_config.json whose values replace the model's in the manifest (e.g. Lightning's).
     vae_tiling: (tile, stride) in pixels of the runtime's tiled VAE, recorded in the manifest's VAE config
         (``runtime/tiling.py``); it bounds the VAE engine profiles. None: untiled.
+    text_graphs: also export the prompt encoder (``text_vision`` + ``text_encoder``, fp32/fp16) and ``ART/text/``
+        (export/text_export.py) when the model folder has a text encoder.
     """
 
     budgets: tuple[Budget, ...] = (Budget.from_side(1024),)
@@ -118,6 +122,7 @@ class ExportOptions:
     loras: tuple[LoraSpec, ...] = ()
     scheduler_config: Path | None = None
     vae_tiling: tuple[int, int] | None = (DEFAULT_TILE, DEFAULT_STRIDE)
+    text_graphs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
@@ -152,6 +157,7 @@ class GraphJob:
     fallback: Callable[[], torch.nn.Module] | None = None
     info: dict = field(default_factory=dict)
     twin_smoke: bool = False  # the graph is too large for ONNX Runtime here: smoke-validate a 2-block twin
+    io: tuple | None = None  # (inputs, outputs) when not given by ``graph_io`` (the text graphs)
 
     @property
     def file(self) -> str:
@@ -181,6 +187,9 @@ class _Run:
     lint: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     lora_base: dict = field(default_factory=dict)  # un-fused weights of the layers a LoRA touched
+    lora_deltas: dict = field(default_factory=dict)  # lean: checkpoint key -> [(A, B, scale)], read once in _plan
+    lean_keys: dict = field(default_factory=dict)  # lean: graph file -> {initializer: checkpoint key}
+    text: object = None  # export/text_export.TextReferences when the text graphs are exported
 
 
 def graph_file(name: str, precision: str) -> str:
@@ -195,7 +204,7 @@ def model_fingerprint(model_dir: Path) -> dict:
         if not f.is_file():
             continue
         rel = str(f.relative_to(model_dir))
-        if f.suffix == ".json":
+        if f.suffix in (".json", ".txt", ".jinja"):  # configs, tokenizer vocab/merges, chat templates
             out[rel] = sha256_file(f)
         elif f.suffix in (".safetensors", ".bin"):
             st = f.stat()
@@ -247,10 +256,9 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
         # a model inside the artifact folder (compile of a preset) is referenced relatively: ART stays movable
         config = dataclasses.replace(config, text_encoder_dir=str(Path(config.text_encoder_dir).relative_to(art.resolve())))
     lean = choose_lean(model_dir, options.lean, say)
-    if lean and options.loras:
-        raise InputError("LoRA fusion is not supported by the lean (streamed) export yet.",
-                         "pass --no-lean, or fuse the LoRA into the checkpoint first.")
-    validate_loras(config.transformer, options.loras)
+    deltas = streamed_deltas(config.transformer, options.loras) if lean else {}
+    if not lean:
+        validate_loras(config.transformer, options.loras)
     if options.scheduler_config is not None:
         config = dataclasses.replace(config, scheduler=read_scheduler_config(options.scheduler_config))
     if options.vae_tiling is not None:
@@ -263,7 +271,8 @@ def _plan(model_dir: Path, art: Path, options: ExportOptions, say: Progress) -> 
     versions = tool_versions()
     inputs_hash = sha256_json({"model": model_fingerprint(model_dir), "settings": settings, "versions": versions})
     return _Run(model_dir, art, options, say, config, lean, dtypes, settings, versions, inputs_hash,
-                _existing(art, config), RopeCache(RopeConfig.from_transformer_config(config.transformer)))
+                _existing(art, config), RopeCache(RopeConfig.from_transformer_config(config.transformer)),
+                lora_deltas=deltas)
 
 
 def _unchanged(run: _Run) -> bool:
@@ -287,7 +296,7 @@ def _load_references(run: _Run) -> None:
     if run.lean:
         from .lean_reference import streamed_dit
 
-        dit = streamed_dit(run.model_dir, run.config)
+        dit = streamed_dit(run.model_dir, run.config, run.lora_deltas)
     else:
         transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(run.model_dir / "transformer",
                                                                             torch_dtype=torch.float32).eval()
@@ -295,6 +304,12 @@ def _load_references(run: _Run) -> None:
         dit = QwenImageDitForExport(transformer).eval()
     vae = diffusers.AutoencoderKLQwenImage.from_pretrained(run.model_dir / "vae", torch_dtype=torch.float32).eval()
     run.references = {DIT: dit, VAE_ENCODER: VaeEncoderForExport(vae).eval(), VAE_DECODER: VaeDecoderForExport(vae).eval()}
+    if run.options.text_graphs and run.config.text_encoder_dir:
+        from .text_export import LeanText, load_text
+
+        run.say("export: " + ("text encoder streamed from its checkpoint (lean)" if run.lean else
+                              "loading the text encoder") + " (text_vision + text_encoder graphs)")
+        run.text = LeanText(run.model_dir) if run.lean else load_text(run.model_dir)
 
 
 def _dit_args(run: _Run, sample: Sample, timestep: float | None = None) -> tuple[torch.Tensor, ...]:
@@ -375,6 +390,10 @@ def _jobs(run: _Run, precision: str) -> list[GraphJob]:
             [(f"latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in vae_decoder_samples(config, layouts)]
             if opts.validate else [],
             [(f"smoke batch={z.shape[0]} latent {z.shape[3]}x{z.shape[2]}", {"latent": z}) for z in latents]))
+    if run.text is not None:
+        from .text_export import text_jobs
+
+        jobs += [GraphJob(**kw) for kw in text_jobs(run.text, precision, opts.opset, opts.validate, opts.fp16_safety)]
     return jobs
 
 
@@ -393,14 +412,17 @@ def _write_lean_dit(run: _Run, precision: str, keep_fp32: list[str], path: Path)
     from .lean import export_dit_lean
 
     stats = export_dit_lean(run.model_dir, path, run.config, dtype=precision, progress=run.say, keep_fp32=keep_fp32,
-                            opset=run.options.opset, consume_shards=run.options.consume_shards)
-    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "peak_rss_bytes")
+                            opset=run.options.opset, consume_shards=run.options.consume_shards,
+                            deltas=run.lora_deltas)
+    run.lean_keys[str(path.relative_to(run.art))] = stats["initializer_keys"]
+    return {"lean": {k: stats[k] for k in ("trace_seconds", "stream_seconds", "initializers", "lora_layers",
+                                           "peak_rss_bytes")
                      if k in stats}}
 
 
 def _export_job(run: _Run, job: GraphJob) -> None:
     """Write one graph, lint it, validate it (smoke always, full when asked) and record it in the manifest."""
-    inputs, outputs = graph_io(job.name, run.config)
+    inputs, outputs = job.io or graph_io(job.name, run.config)
     rel, key = job.file, f"{job.name}.{job.precision}"
     run.say(f"export: {job.name} {job.precision} -> {rel}" + (" (lean)" if run.lean and job.name == DIT else ""))
     early = _twin_smoke(run, job) if job.twin_smoke else {}  # reads the checkpoint: before it may be consumed
@@ -444,10 +466,12 @@ def _twin_smoke(run: _Run, job: GraphJob) -> dict:
             f"{layers}-block twin exported the same way")
     run.art.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smoke-twin.", dir=run.art))
+    deltas = {k: v for k, v in run.lora_deltas.items() if _within_blocks(k, layers)}
     try:
         export_dit_lean(run.model_dir, tmp / "dit.onnx", twin, dtype=job.precision, opset=run.options.opset,
-                        keep_fp32=[k for k in job.info.get("fp32_layers", ()) if _within_blocks(k, layers)])
-        twin_job = dataclasses.replace(job, reference=streamed_dit(run.model_dir, twin), samples=[])
+                        keep_fp32=[k for k in job.info.get("fp32_layers", ()) if _within_blocks(k, layers)],
+                        deltas=deltas)
+        twin_job = dataclasses.replace(job, reference=streamed_dit(run.model_dir, twin, deltas), samples=[])
         out = _validations(run, twin_job, tmp / "dit.onnx", [s.name for s in graph_io(DIT, twin)[0]],
                            graph=f"{job.name} ({layers}-block twin)")
     finally:
@@ -505,14 +529,37 @@ def _finish(run: _Run, staging: Staging, live: Path) -> Manifest:
                      "graphs": len(run.lint), "lean": run.lean,
                      "trt_lint_passed": all(v["passed"] for v in run.lint.values())},
         ))
+    if run.text is not None:
+        from .text_export import text_limits, write_text_record
+
+        limits = text_limits(run.config.pipeline_class, run.options.budgets, run.model_dir)
+        run.manifest = run.manifest.with_text(write_text_record(run.text, run.model_dir, run.art,
+                                                                "fp16" in run.dtypes, limits))
+    elif not run.options.text_graphs:  # asked to skip: an earlier export's text graphs are dropped too
+        from uniref_deploy.runtime.encoder_io import TEXT_GRAPHS
+
+        for g in [g for g in run.manifest.graphs if g.name in TEXT_GRAPHS]:
+            run.manifest = run.manifest.without_graph(g.key)
+        run.manifest = run.manifest.with_text(None)
     save_lora_base(run.art, run.lora_base)
-    if not run.lean:
+    if run.lean:
+        write_lean_lora_index(run.art, run.config.transformer, run.lean_keys, transformer_dir(run.model_dir),
+                              run.lora_deltas, consumed=run.options.consume_shards)
+    else:
         write_lora_index(run.art, run.references[DIT], sorted(  # fp32 first: swaps read base weights from it
             (g.file for g in run.manifest.graphs if g.name == DIT and not g.variant and g.precision != "bf16"
              and (run.art / g.file).is_file()), key=lambda f: f != graph_file(DIT, "fp32")))
     run.manifest = staging.commit(run.manifest)
+    if run.manifest.text is None:  # no prompt encoder recorded: host files of an earlier export are stale
+        import shutil
+
+        from uniref_deploy.runtime.encoder_io import TEXT_DIR
+
+        shutil.rmtree(live / TEXT_DIR, ignore_errors=True)
     if not run.lora_base:
         save_lora_base(live, {})  # no LoRA fused now: a base file of an earlier export is stale
+    if not run.lean:
+        (live / LEAN_SOURCE_FILE).unlink(missing_ok=True)  # from an earlier lean export
     if errors:
         raise ExportError(f"Validation could not run {errors[0][0]} in ONNX Runtime: {errors[0][1]}",
                           f"see {live / VALIDATION_REPORT}; run with -vv for the export trace.")
@@ -578,7 +625,7 @@ def _existing(art: Path, config: ModelConfig) -> Manifest:
         try:
             old = Manifest.load(art)
             if old.model.transformer == config.transformer and old.model.vae == config.vae:
-                return Manifest(config, old.budgets, old.graphs, old.engines, old.stages)
+                return Manifest(config, old.budgets, old.graphs, old.engines, old.stages, text=old.text)
         except ManifestError:
             logger.warning("existing manifest in %s is unreadable; starting a new one", art)
     return Manifest(config)

@@ -33,8 +33,11 @@ AXIS_RANGES = {
     "width": (2, 2048),
     "latent_height": (2, 2048),
     "latent_width": (2, 2048),
+    "merged": (1, 16384),  # text_vision: merged image tokens; its patches axis is 4x this (AXIS_DERIVED)
+    "text_len": (1, 16384),  # text_encoder: the templated prompt's tokens
 }
 AXIS_MULTIPLE = {"height": 8, "width": 8}
+AXIS_DERIVED = {"patches": ("merged", 4)}  # an axis that is a fixed multiple of another named axis
 
 
 def dynamic_shapes_for(specs: Sequence[TensorSpec]) -> dict[str, dict[int, object]]:
@@ -44,6 +47,12 @@ def dynamic_shapes_for(specs: Sequence[TensorSpec]) -> dict[str, dict[int, objec
     for spec in specs:
         axes = {}
         for i, name in spec.dynamic_axes.items():
+            if name in AXIS_DERIVED:
+                base, factor = AXIS_DERIVED[name]
+                if base not in dims:
+                    lo, hi = AXIS_RANGES[base]
+                    dims[base] = torch.export.Dim(base, min=lo, max=hi)
+                dims[name] = dims[base] * factor
             if name not in dims:
                 lo, hi = AXIS_RANGES[name]
                 dim = torch.export.Dim(name.replace("-", "_"), min=lo, max=hi)

@@ -29,7 +29,7 @@ import resource
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,8 @@ from uniref_deploy.runtime.graphs import ROPE_INPUT_POSITIONS, dit_io
 from uniref_deploy.runtime.manifest import ModelConfig
 
 from .graph_export import DEFAULT_OPSET, _by_position, _summary, dynamic_shapes_for, name_dynamic_axes
+from .lean_lora import fuse_bytes, streamed_deltas
+from .lora import LoraSpec
 from .precision import DTYPES, Float32Island, IOCast
 from .qwen_image import QwenImageDitForExport
 
@@ -150,13 +152,18 @@ def _example_args(config: ModelConfig) -> tuple:
 
 
 def trace_without_weights(module: torch.nn.Module, config: ModelConfig, opset: int = DEFAULT_OPSET):
-    """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of the meta module; weights removed from the graph."""
+    """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of the meta DiT; weights removed from the graph."""
     inputs, outputs = dit_io(config)
+    return trace_meta_module(module, _example_args(config), inputs, outputs, opset)
+
+
+def trace_meta_module(module: torch.nn.Module, args: tuple, inputs, outputs, opset: int = DEFAULT_OPSET):
+    """(ONNXProgram, {initializer name: (shape, ONNX dtype)}) of any meta module called with meta ``args``."""
     names = [s.name for s in inputs]
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                module, _example_args(config), None, input_names=names, output_names=[s.name for s in outputs],
+                module, args, None, input_names=names, output_names=[s.name for s in outputs],
                 dynamic_shapes=_by_position(module, names, dynamic_shapes_for(inputs)), opset_version=opset,
                 dynamo=True, optimize=False, verbose=False,
             )
@@ -222,12 +229,14 @@ def _convert(chunk: bytes, src: str, dst: int) -> bytes:
 
 
 def stream_tensors(plan: list[tuple[str, SafetensorsEntry, int]], data_path: Path, consume: bool = False,
-                   progress: Progress | None = None) -> dict[str, tuple[int, int]]:
+                   progress: Progress | None = None, deltas: Mapping[str, list] | None = None) -> dict[str, tuple[int, int]]:
     """Copy each (initializer, checkpoint entry, ONNX dtype) into ``data_path``; {initializer: (offset, length)}.
 
     Reads each shard sequentially in ``CHUNK_BYTES`` pieces; with ``consume`` a shard is deleted as soon as its last
     tensor has been copied (the disk then holds the data file plus at most one shard's worth of extra bytes).
+    A tensor whose checkpoint key is in ``deltas`` (export/lean_lora.py) is read whole and written LoRA-fused.
     """
+    deltas = deltas or {}
     plan = sorted(plan, key=lambda p: (str(p[1].file), p[1].start))
     last_use = {str(e.file): i for i, (_, e, _) in enumerate(plan)}
     locations: dict[str, tuple[int, int]] = {}
@@ -250,7 +259,10 @@ def stream_tensors(plan: list[tuple[str, SafetensorsEntry, int]], data_path: Pat
                 src.seek(entry.start)
                 remaining = entry.nbytes
                 item = ST_DTYPES[entry.dtype][2]
-                if ONNX_TO_ST[dst] == entry.dtype:
+                if entry.key in deltas:
+                    out.write(fuse_bytes(_read_exactly(src, entry), entry.dtype, entry.shape, dst, deltas[entry.key]))
+                    remaining = 0
+                elif ONNX_TO_ST[dst] == entry.dtype:
                     out.flush()
                     remaining -= _kernel_copy(src, out, entry.start, remaining)
                     src.seek(entry.start + entry.nbytes - remaining)
@@ -277,6 +289,13 @@ def stream_tensors(plan: list[tuple[str, SafetensorsEntry, int]], data_path: Pat
             if src is not None:
                 src.close()
     return locations
+
+
+def _read_exactly(src, entry: SafetensorsEntry) -> bytearray:
+    raw = bytearray(entry.nbytes)
+    if src.readinto(raw) != entry.nbytes:
+        raise ExportError(f"'{entry.file.name}' is truncated at tensor '{entry.key}'.")
+    return raw
 
 
 def _kernel_copy(src, out, start: int, count: int) -> int:
@@ -307,16 +326,21 @@ def _external_initializer(name: str, shape: tuple[int, ...], dtype: int, locatio
 
 def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, config: ModelConfig | None = None,
                     dtype: str = "bf16", progress: Progress | None = None, *, keep_fp32: Iterable[str] = (),
-                    opset: int = DEFAULT_OPSET, consume_shards: bool = False, check: bool = True) -> dict:
+                    opset: int = DEFAULT_OPSET, consume_shards: bool = False, check: bool = True,
+                    loras: Sequence[LoraSpec] = (), deltas: Mapping[str, list] | None = None) -> dict:
     """Export the DiT of ``model_dir`` (diffusers root or its transformer/ folder) to ``out_path`` + ``.data``.
 
     Peak memory is the traced graph plus one 64 MiB chunk, whatever the model size. With ``consume_shards`` the
-    checkpoint's shards are DELETED as they are streamed (for disks that cannot hold both copies).
+    checkpoint's shards are DELETED as they are streamed (for disks that cannot hold both copies). ``loras`` are
+    read once up front and fused into their layers as those are streamed (float32 math, then the graph's dtype);
+    ``deltas`` (from ``streamed_deltas``, LoRAs already read) replaces ``loras``.
 
-    Returns: stats (seconds per phase, initializer count and bytes, file sizes, peak RSS of this process).
+    Returns: stats (seconds per phase, initializer count and bytes, file sizes, peak RSS of this process, and
+    ``initializer_keys``: initializer name -> checkpoint key).
 
     Raises:
         ExportError: tracing failed, or an initializer has no checkpoint tensor of the right shape.
+        InputError: a LoRA is unreadable or does not fit this transformer (before anything is written).
     """
     say = progress or (lambda msg: logger.info(msg))
     if dtype not in DTYPES:
@@ -328,6 +352,10 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
     transformer_config = {k: v for k, v in config.transformer.items() if not k.startswith("_")}
     stats: dict = {"dtype": dtype, "opset": opset}
     t0 = time.perf_counter()
+    if deltas is None:
+        deltas = streamed_deltas(transformer_config, loras)
+    if deltas:
+        say(f"lean export: LoRA deltas for {len(deltas)} layer(s), fused while streaming")
 
     say("lean export: building the DiT on the meta device and tracing it")
     module, param_keys = build_meta_dit(transformer_config, dtype, keep_fp32)
@@ -353,6 +381,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
         raise ExportError(f"Lean export cannot map {len(problems)} initializer(s): {'; '.join(problems[:3])}.",
                           "is the checkpoint complete and does its config match?")
     stats["initializers"] = len(plan)
+    stats["lora_layers"] = sum(1 for _, e, _ in plan if e.key in deltas)
     stats["unused_checkpoint_tensors"] = len(ckpt) - len(plan)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +390,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
         location = out_path.name + ".data"
         t1 = time.perf_counter()
         say(f"lean export: streaming {len(plan)} tensors into {location}")
-        locations = stream_tensors(plan, tmp_dir / location, consume=consume_shards, progress=say)
+        locations = stream_tensors(plan, tmp_dir / location, consume=consume_shards, progress=say, deltas=deltas)
         stats["stream_seconds"] = round(time.perf_counter() - t1, 2)
 
         import onnx_ir as ir
@@ -390,6 +419,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
         streamed_bytes=sum(e.nbytes for _, e, _ in plan),
         peak_rss_bytes=peak_rss_bytes(),
         consumed_shards=consume_shards,
+        initializer_keys={name: e.key for name, e, _ in plan},
     )
     say(f"lean export: {out_path} ({stats['data_bytes'] / 1e9:.2f} GB of weights) in {stats['seconds']} s")
     return stats

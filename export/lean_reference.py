@@ -14,6 +14,7 @@ the checkpoint once more, which is what a few smoke samples can afford.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from uniref_deploy.runtime.manifest import ModelConfig
 
 from .lean import SafetensorsEntry, checkpoint_index, transformer_dir
+from .lora import fused_weight
 from .qwen_image import QwenImageDitForExport
 
 
@@ -29,8 +31,9 @@ class _ShardReader:
     """Reads single tensors from the shards by byte range, as float32 (no memory map stays behind: a mapped 40 GB
     checkpoint would count as this process's memory)."""
 
-    def __init__(self, index: dict[str, SafetensorsEntry]):
+    def __init__(self, index: dict[str, SafetensorsEntry], deltas: Mapping[str, list] | None = None):
         self.index = index
+        self.deltas = deltas or {}
 
     def tensor(self, key: str) -> torch.Tensor:
         entry = self.index[key]
@@ -38,11 +41,13 @@ class _ShardReader:
             f.seek(entry.start)
             raw = bytearray(f.read(entry.nbytes))
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[entry.dtype]
-        return torch.frombuffer(raw, dtype=dtype).reshape(entry.shape).float()
+        weight = torch.frombuffer(raw, dtype=dtype).reshape(entry.shape)
+        return fused_weight(weight, self.deltas[key]) if key in self.deltas else weight.float()
 
 
-def streamed_dit(model_dir: str | os.PathLike, config: ModelConfig) -> nn.Module:
-    """``QwenImageDitForExport`` of ``model_dir``'s checkpoint with weights read per layer call (fp32 math).
+def streamed_dit(model_dir: str | os.PathLike, config: ModelConfig, deltas: Mapping[str, list] | None = None) -> nn.Module:
+    """``QwenImageDitForExport`` of ``model_dir``'s checkpoint with weights read per layer call (fp32 math); a
+    weight whose key is in ``deltas`` (export/lean_lora.py) is read LoRA-fused.
 
     Raises:
         ExportError: the folder has no safetensors weights (from ``checkpoint_index``).
@@ -50,7 +55,7 @@ def streamed_dit(model_dir: str | os.PathLike, config: ModelConfig) -> nn.Module
     import diffusers
 
     tdir = transformer_dir(Path(model_dir))
-    reader = _ShardReader(checkpoint_index(tdir))
+    reader = _ShardReader(checkpoint_index(tdir), deltas or {})
     transformer_config = {k: v for k, v in config.transformer.items() if not k.startswith("_")}
     with torch.device("meta"):
         transformer = diffusers.QwenImageTransformer2DModel.from_config(transformer_config)

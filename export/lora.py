@@ -99,6 +99,17 @@ def lora_pairs(state: Mapping) -> dict[str, tuple]:
     return out
 
 
+def fused_weight(weight, deltas: Sequence[tuple]):
+    """``weight`` (any float dtype) + Σ scale·(B·A) over ``deltas`` ((A, B, scale) in fusion order), in float32
+    torch math as PEFT's merge computes it; a new float32 tensor."""
+    import torch
+
+    w = weight.detach().to(torch.float32, copy=True)
+    for a, b, scale in deltas:
+        w += (b.float() @ a.float()) * scale
+    return w
+
+
 def check_lora(spec: LoraSpec, state: Mapping, shapes: Mapping[str, tuple[int, int]]) -> None:
     """Every target module exists among ``shapes`` (module name -> weight [out, in]) with matching sizes.
 

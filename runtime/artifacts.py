@@ -14,6 +14,7 @@ CALIBRATION_DIR = "calibration"
 CALIBRATION_REPORT = f"{CALIBRATION_DIR}/report.json"  # FP8 vs fp32 accuracy (+ report.png)
 CALIBRATION_PLOT = f"{CALIBRATION_DIR}/report.png"
 CALIBRATION_RANGES = f"{CALIBRATION_DIR}/ranges.json"  # activation scales of the quantised layers
+CALIBRATION_INT8_REPORT = f"{CALIBRATION_DIR}/int8_report.json"  # INT8 modes (static, SmoothQuant, dynamic) vs fp32
 
 ENGINE_DIR = "engines"
 ENGINE_PLAN = f"{ENGINE_DIR}/plan.json"  # the engine plan (written even where TensorRT is absent)

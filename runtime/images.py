@@ -7,6 +7,7 @@ composited on white) rather than rejected. Unreadable, truncated or empty files 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import warnings
@@ -203,3 +204,11 @@ def check_output_path(path: str | os.PathLike) -> str:
 def load_images(sources: object) -> list[Image.Image]:
     """``load_image`` over ``as_sources(sources)``: a single image or path counts as one reference."""
     return [load_image(s) for s in as_sources(sources)]
+
+
+def image_digest(img: Image.Image) -> str:
+    """sha256 of an image's content (size, mode, pixels): the one key per reference that the VAE-latent and
+    prompt-embedding caches share."""
+    h = hashlib.sha256(f"{img.size}{img.mode}".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()

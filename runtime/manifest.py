@@ -256,6 +256,9 @@ class Manifest:
     engines: tuple[EngineSpec, ...] = ()
     stages: tuple[StageRecord, ...] = ()
     schema_version: int = SCHEMA_VERSION
+    #: the exported prompt encoder's host files: {"dir", "files": {rel: sha256}, "vision_max_patches",
+    #: "max_text_len"} (TEXT_CONTRACT.md); None: prompts go through transformers
+    text: dict | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budgets", tuple(Budget.coerce(b) for b in self.budgets))
@@ -299,6 +302,10 @@ class Manifest:
         kept = tuple(s for s in self.stages if s.stage != record.stage)
         return dataclasses.replace(self, stages=(*kept, record))
 
+    def with_text(self, text: dict | None) -> Manifest:
+        """Record (or with None, drop) the exported prompt encoder's host files."""
+        return dataclasses.replace(self, text=text)
+
     def with_budgets(self, budgets: tuple[Budget | int, ...]) -> Manifest:
         """Record ``budgets`` (an int is a pixel count or a trained side, as in ``Budget.coerce``)."""
         return dataclasses.replace(self, budgets=tuple(sorted({Budget.coerce(b) for b in budgets})))
@@ -330,6 +337,7 @@ class Manifest:
                 engines=tuple(EngineSpec.from_dict(e) for e in d.get("engines", ())),
                 stages=tuple(StageRecord.from_dict(s) for s in d.get("stages", ())),
                 schema_version=version,
+                text=dict(d["text"]) if d.get("text") else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ManifestError(f"Manifest is malformed: missing or bad field {err}.", "re-run the export.") from err
@@ -374,6 +382,8 @@ class Manifest:
         """
         root = Path(art_dir)
         files = [f for g in self.graphs if names is None or g.key in names for f in g.files]
+        if self.text and names is None:
+            files += list(self.text.get("files", {}).items())
         if engines:
             files += [(e.file, e.sha256) for e in self.engines]
         return [(rel, _status(root / rel, sha)) for rel, sha in files]
@@ -390,6 +400,11 @@ class Manifest:
         for g in self.graphs:
             if names is None or g.key in names:
                 verify_graph(art_dir, g)
+        if self.text and names is None:
+            for rel, sha in self.text.get("files", {}).items():
+                if _status(Path(art_dir) / rel, sha) != "ok":
+                    raise ManifestError(f"Text-encoder file '{Path(art_dir) / rel}' is missing or does not match "
+                                        "the sha256 recorded in the manifest.", "re-run `uniref-deploy export`.")
 
 
 def verify_graph(art_dir: str | os.PathLike, graph: GraphSpec) -> None:

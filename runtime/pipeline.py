@@ -9,7 +9,6 @@ embeddings, the output reproduces diffusers' pipeline class of the model folder 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import numbers
@@ -30,7 +29,7 @@ from .budget import Budget, trained_budgets
 from .denoise import StepCallback, cfg_combine, denoise
 from .errors import InputError, ManifestError
 from .graphs import DIT, VAE_DECODER, VAE_ENCODER, dit_static_feeds
-from .images import from_model_output, load_images, to_model_input, to_pil
+from .images import from_model_output, image_digest, load_images, to_model_input, to_pil
 from .manifest import Manifest, ModelConfig
 from .model_checks import resolve_pipeline_class
 from .packing import POLICIES, PackedLayout, as_budget, pack_references
@@ -126,13 +125,16 @@ class Pipeline:
     def from_artifacts(cls, art_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                        condition_image_area: int = CONDITION_IMAGE_AREA, load_text_encoder: bool = True,
                        pipeline_class: str | None = None, text_encoder_dtype: str | None = None,
-                       **backend_options) -> Pipeline:
+                       text_positions: str = "mrope", **backend_options) -> Pipeline:
         """A pipeline over an artifact folder written by ``uniref-deploy export``/``compile``.
 
         ``precision`` picks the DiT graph/engines: None means fp32 on ONNX Runtime, the fastest built
         precision on TensorRT (fp16, bf16, fp8, then fp32) and the measured choice per graph on OpenVINO.
         ``backend="auto"`` follows the rule of ``backends/auto.py``. ``pipeline_class`` and ``text_encoder_dtype``
-        override the values the export recorded in the manifest.
+        override the values the export recorded in the manifest. Artifacts with the compiled text graphs encode
+        prompts without torch (``text_onnx.py``); ``text_positions`` is their M-RoPE mode: "mrope" (3-D, as the
+        model was trained) or "sequential" (what diffusers' edit pipelines get from transformers 5.x, see
+        ``text_host.POSITION_MODES``). Older artifacts use transformers.
         """
         manifest = Manifest.load(art_dir)
         FlowMatchEulerConfig.from_dict(manifest.model.scheduler)  # fails before any session loads
@@ -145,7 +147,12 @@ class Pipeline:
             config = dataclasses.replace(config, pipeline_class=resolve_pipeline_class(Path(art_dir), {}, pipeline_class))
         if text_encoder_dtype is not None:
             config = dataclasses.replace(config, text_encoder_dtype=text_encoder_dtype)
-        text = _text_encoder(config, condition_image_area) if load_text_encoder else None
+        text = None
+        if load_text_encoder:
+            text = _compiled_text_encoder(Path(art_dir), manifest, backend, config, condition_image_area,
+                                          text_positions)
+            if text is None:
+                text = _text_encoder(config, condition_image_area)
         try:
             _ = config.latent_channels, config.text_hidden_size  # read at every call: fail here instead
             return cls(config, backends, text, budgets=manifest.budgets or None)
@@ -192,6 +199,7 @@ class Pipeline:
         images = load_images(image)
         self._check_references(len(images))
         do_cfg = true_cfg_scale > 1.0 and (negative_prompt is not None or negative_prompt_embeds is not None)
+        digests = [image_digest(im) for im in images]  # one content key per reference, shared by both caches
 
         # 2. pack the references into the budget
         t0 = time.perf_counter()
@@ -207,14 +215,19 @@ class Pipeline:
         # 3. text conditioning
         t0 = time.perf_counter()
         sizes = [(slot.width, slot.height) for slot in layout.references]
-        cond = self._embeds(prompt, images, sizes, prompt_embeds, prompt_embeds_mask)
-        uncond = (self._embeds(negative_prompt, images, sizes, negative_prompt_embeds, negative_prompt_embeds_mask)
-                  if do_cfg else None)
+        check = getattr(self.text_encoder, "check", None)  # the compiled encoder checks every prompt up front
+        for text in (prompt, negative_prompt if do_cfg else None):
+            if check is not None and text is not None:
+                check(text, images, sizes, image_keys=digests)
+        cond = self._embeds(prompt, images, sizes, prompt_embeds, prompt_embeds_mask, digests)
+        uncond = (self._embeds(negative_prompt, images, sizes, negative_prompt_embeds, negative_prompt_embeds_mask,
+                               digests) if do_cfg else None)
         times.text_encode = time.perf_counter() - t0
 
         # 4. VAE-encode the references (cached by content) into packed tokens
         t0 = time.perf_counter()
-        ref_tokens = [self._encode_reference(im, slot.width, slot.height) for im, slot in zip(images, layout.references, strict=True)]
+        ref_tokens = [self._encode_reference(im, slot.width, slot.height, key)
+                      for im, slot, key in zip(images, layout.references, digests, strict=True)]
         times.vae_encode = time.perf_counter() - t0
 
         # 5. initial latents
@@ -344,14 +357,14 @@ class Pipeline:
             raise InputError(f"{cls.name} takes {want} reference image(s), got {count}.",
                              f"pass {want} --image, or use a {EDIT_PLUS} model for several references.")
 
-    def _embeds(self, prompt, images, sizes, embeds, mask) -> tuple[np.ndarray, np.ndarray]:
+    def _embeds(self, prompt, images, sizes, embeds, mask, digests=None) -> tuple[np.ndarray, np.ndarray]:
         if embeds is None:
             if self.text_encoder is None:
                 raise InputError(
                     "No text encoder is available for this model.",
                     "pass prompt_embeds (and negative_prompt_embeds), or use a model folder with text_encoder/.",
                 )
-            return trim_text_padding(*self.text_encoder.encode(prompt, images, sizes))
+            return trim_text_padding(*self.text_encoder.encode(prompt, images, sizes, image_keys=digests))
         embeds = np.asarray(embeds, dtype=np.float32)
         if embeds.ndim == 2:
             embeds = embeds[None]
@@ -378,8 +391,8 @@ class Pipeline:
         tiled = tiled_encode if name == VAE_ENCODER else tiled_decode
         return tiled(run, x, self.vae_tiling, self.config.vae_scale_factor)
 
-    def _encode_reference(self, img: Image.Image, width: int, height: int) -> np.ndarray:
-        key = hashlib.sha256(img.tobytes() + f"{img.size}->{width}x{height}".encode()).hexdigest()
+    def _encode_reference(self, img: Image.Image, width: int, height: int, digest: str | None = None) -> np.ndarray:
+        key = f"{digest or image_digest(img)}->{width}x{height}"
         if key in self._vae_cache:
             self._vae_cache.move_to_end(key)
             return self._vae_cache[key]
@@ -435,6 +448,21 @@ def _text_encoder(config: ModelConfig, condition_area: int) -> QwenPromptEncoder
         return QwenPromptEncoder(config.text_encoder_dir, condition_area=condition_area,
                                  dtype=config.text_encoder_dtype, pipeline=pipeline_class_info(config.pipeline_class))
     return None
+
+
+def _compiled_text_encoder(art_dir: Path, manifest: Manifest, backend: str, config: ModelConfig,
+                           condition_area: int, positions: str):
+    """The exported prompt encoder when the artifacts hold one (``manifest.text``), else None."""
+    from .text_onnx import CompiledPromptEncoder, text_record
+    from .text_runners import text_graph_runners, text_runtime
+
+    if text_record(art_dir, manifest) is None or text_runtime(backend) is None:
+        return None  # older artifacts, or no runtime for the text graphs: transformers encodes
+
+    return CompiledPromptEncoder.from_artifacts(art_dir, manifest, text_graph_runners(art_dir, manifest, backend),
+                                                condition_area=condition_area,
+                                                pipeline=pipeline_class_info(config.pipeline_class),
+                                                positions=positions)
 
 
 def _auto_backend(manifest: Manifest) -> str:

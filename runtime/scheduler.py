@@ -7,7 +7,9 @@ as driven by ``QwenImageEditPlusPipeline`` (``diffusers/pipelines/qwenimage/pipe
 
 Precision follows diffusers step by step: the sigma schedule is float32 numpy (python scalars such as
 ``exp(mu)`` rounded to float32 on entry), timesteps are float32 ``sigma * num_train_timesteps``, and ``step`` does
-the float32 mul-then-add Euler update. Results match diffusers bit-for-bit on float32 inputs.
+the float32 mul-then-add Euler update. The terminal stretch's scale keeps diffusers' mixed scalar expression, whose
+precision numpy 1 and numpy 2 promote differently (float64 vs float32). Results match diffusers bit-for-bit on
+float32 inputs under either numpy.
 
 One deliberate difference: when the last shifted sigma is 1 (a single step with the default schedule), diffusers'
 terminal stretch divides 0 by 0 and yields NaN sigmas and timesteps. Here the stretch is skipped for that case,
@@ -187,7 +189,11 @@ class FlowMatchEulerScheduler:
                 "divide by zero (diffusers returns NaN here)."
             )
             return t
-        scale = one_minus[-1] / np.float32(1.0 - shift_terminal)
+        # Written as diffusers writes it, so numpy's own promotion decides the precision of the scale: a
+        # float32 scalar over a python float is float64 under numpy 1 (value-based casting, rounded to float32
+        # when it divides the array) and float32 under numpy 2 (NEP 50). Both reproduce diffusers in the same
+        # environment; forcing either dtype is off by one ulp under the other numpy.
+        scale = one_minus[-1] / (1.0 - shift_terminal)
         return np.float32(1.0) - one_minus / scale
 
     def set_timesteps(

@@ -123,10 +123,12 @@ class QwenPromptEncoder:
         return [resize(img, w, h) for img, (w, h) in zip(images, vae_sizes, strict=True)]
 
     def encode(self, prompt: str, images: Sequence[Image.Image],
-               vae_sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               vae_sizes: Sequence[tuple[int, int]] | None = None,
+               image_keys: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings [1, L, D] float32 and mask [1, L] bool for ``prompt`` with the references ``images``.
 
-        ``vae_sizes`` (each reference's packed (w, h)) is needed by pipelines that condition on the VAE-sized image.
+        ``vae_sizes`` (each reference's packed (w, h)) is needed by pipelines that condition on the VAE-sized image;
+        ``image_keys`` (per-reference content digests) is accepted for the compiled encoder's interface.
         """
         cond = self.condition(images, vae_sizes)
         key = _cache_key(prompt, cond, self.condition_area)

@@ -53,7 +53,7 @@ def format_summary(rows: list[StageSummary], art: Path) -> str:
 def compile_model(source: str, art_dir: str | Path, budgets: Sequence[Budget | int], precisions: Sequence[str],
                   say: Say, seed: int = 0, validate: bool = True, force: bool = False,
                   calibration_samples: int | None = None, loras: tuple = (),
-                  scheduler_config: Path | None = None) -> tuple[Manifest, list[StageSummary]]:
+                  scheduler_config: Path | None = None, text_graphs: bool = True) -> tuple[Manifest, list[StageSummary]]:
     """Run every stage into ``art_dir``; returns the manifest and the summary rows.
 
     ``budgets`` are ``Budget``s (ints are read as in ``Budget.coerce``: pixels, or a trained side).
@@ -87,7 +87,8 @@ def compile_model(source: str, art_dir: str | Path, budgets: Sequence[Budget | i
     before = Manifest.load(art).stage("export") if (art / MANIFEST_NAME).is_file() else None
     manifest = export_onnx(model_dir, art, ExportOptions(budgets=tuple(budgets), dtypes=tuple(dtypes),
                                                          validate=validate, force=force, loras=tuple(loras),
-                                                         scheduler_config=scheduler_config), progress=say)
+                                                         scheduler_config=scheduler_config, text_graphs=text_graphs),
+                           progress=say)
     after = manifest.stage("export")
     unchanged = before is not None and after == before
     rows.append(StageSummary("export", "unchanged" if unchanged else "done", time.perf_counter() - t0,

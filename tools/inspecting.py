@@ -46,13 +46,22 @@ def inspect_artifacts(art: str | Path) -> dict:
     calibrated = m.stage("calibrate")
     return {
         "artifacts": str(art), "schema_version": m.schema_version, "family": m.model.family,
-        "text_encoder_dir": m.model.text_encoder_dir, "graphs": graphs, "buckets": buckets, "engines": engines,
+        "text_encoder_dir": m.model.text_encoder_dir, "text": _text_record(art, m.text), "graphs": graphs, "buckets": buckets, "engines": engines,
         "validation": _read_json(art / VALIDATION_REPORT),
         "calibration": _read_json(art / CALIBRATION_REPORT) or (calibrated.results if calibrated else None),
         "stages": [{"stage": s.stage, "seconds": s.seconds, "settings": s.settings, "results": s.results,
                     "tool_versions": s.tool_versions} for s in m.stages],
         "engine_plan": _read_json(art / ENGINE_PLAN),
     }
+
+
+def _text_record(art: Path, text: dict | None) -> dict | None:
+    """The exported prompt encoder's host files (manifest ``text``) with their sizes; None when not exported."""
+    if not text:
+        return None
+    files = text.get("files", {})
+    return {**{k: v for k, v in text.items() if k != "files"}, "files": sorted(files),
+            "bytes": sum((art / f).stat().st_size for f in files if (art / f).is_file())}
 
 
 def verify_artifacts(art: str | Path) -> list[dict]:
@@ -103,7 +112,13 @@ def _short(value, width: int = 90) -> str:
 def format_text(info: dict) -> str:
     """A human-readable summary of ``inspect_artifacts``."""
     lines = [f"artifacts: {info['artifacts']} (schema {info['schema_version']}, family {info['family']})",
-             f"text encoder: {info['text_encoder_dir']}", "", "graphs:"]
+             f"text encoder: {info['text_encoder_dir']}"]
+    text = info.get("text")
+    if text:
+        lines.append(f"prompt encoder: exported (text_vision + text_encoder), {len(text['files'])} host file(s) in "
+                     f"{text['dir']}/ ({text['bytes'] / 2**20:.1f} MiB), <= {text['vision_max_patches']} patches, "
+                     f"<= {text['max_text_len']} tokens")
+    lines += ["", "graphs:"]
     for g in info["graphs"]:
         state = "" if g["present"] else "  MISSING"
         lines.append(f"  {g['name']:<12} {g['precision']:<5} {g['variant']:<8} {g['file']:<28} "

@@ -134,7 +134,7 @@ class OpenVinoBackendFactory:
         if verify:  # every graph and its external data at load, before the precision probe runs any of them
             for graph in graphs.values():
                 verify_graph(art_dir, graph)
-        cache_dir = _cache_dir(art_dir) if cache else None
+        cache_dir = model_cache_dir(art_dir) if cache else None
         hints = graph_precisions(manifest, art_dir, precision, threads=threads, device=device, cache_dir=cache_dir)
         backends: dict[str, Backend] = {}
         for name, graph in graphs.items():
@@ -143,7 +143,7 @@ class OpenVinoBackendFactory:
         return backends
 
 
-def _cache_dir(art_dir: Path) -> Path | None:
+def model_cache_dir(art_dir: Path) -> Path | None:
     """``ART/cache/openvino`` when the artifact folder is writable, else None (compile every start)."""
     path = art_dir / CACHE_DIR
     if os.access(path if path.is_dir() else art_dir, os.W_OK):

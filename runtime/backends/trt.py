@@ -25,14 +25,15 @@ from ..cuda import SharedActivation, cuda_call, device_alloc, device_free, devic
 from ..errors import BackendError
 from ..graphs import DIT, GRAPH_NAMES, graph_io
 from ..manifest import EngineSpec, Manifest, ModelConfig, TensorSpec
+from ..precision import ENGINE_PREFERENCE, VAE_ENGINE_PREFERENCE
 from .base import Backend
 from .trt_engine import LoadedEngine, Shape, create_context, load_engine, set_shapes
 from .trt_graphs import MAX_CUDA_GRAPHS, GraphCache
 
 logger = logging.getLogger(__name__)
 
-DIT_PRECISION_ORDER = ("fp16", "bf16", "fp8", "fp32")  # precision=None picks the first with a DiT engine
-VAE_PRECISION_ORDER = ("fp16", "fp32")
+DIT_PRECISION_ORDER = ENGINE_PREFERENCE  # precision=None picks the first with a DiT engine
+VAE_PRECISION_ORDER = VAE_ENGINE_PREFERENCE
 
 
 class TrtBackend(Backend):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -93,6 +94,28 @@ def test_one_engine_per_graph_and_precision_with_a_profile_per_bucket(manifest):
     assert "calibrate" in plan.skipped[0].reason
 
 
+def _int8(manifest: Manifest, mode: str, variant: str = "") -> GraphSpec:
+    g = _graph("dit", "int8", manifest.model)
+    file = g.file.replace(".onnx", f".{variant}.onnx") if variant else g.file
+    return dataclasses.replace(g, file=file, sha256=hashlib.sha256(file.encode()).hexdigest(),
+                               info={"activation_mode": mode}, variant=variant)
+
+
+def test_int8_engine_is_built_from_the_static_qdq_graph(manifest):
+    dynamic, qdq = _int8(manifest, "dynamic"), _int8(manifest, "static", "qdq")
+    # a dynamic CPU graph alone: TensorRT cannot take it, the engine is skipped with what to run
+    plan = make_plan(manifest.with_graph(dynamic), (1024,), ("fp16", "int8"))
+    assert [s.name for s in plan.skipped] == ["dit.int8"] and "--precision int8" in plan.skipped[0].reason
+    # beside it, the static Q/DQ variant: the int8 engine reads that file
+    plan = make_plan(manifest.with_graph(dynamic).with_graph(qdq), (1024,), ("fp16", "int8"))
+    engine = plan.engine("dit.int8")
+    assert (engine.onnx_file, engine.onnx_sha256) == (qdq.file, qdq.sha256)
+    assert engine.engine_file == "engines/dit.int8.plan" and not plan.skipped
+    # a static dit.int8 is itself the Q/DQ graph
+    static = _int8(manifest, "static")
+    assert make_plan(manifest.with_graph(static), (1024,), ("int8",)).engine("dit.int8").onnx_file == static.file
+
+
 def test_three_budgets_give_one_dit_engine_per_precision_with_three_profiles(manifest):
     plan = make_plan(manifest, SIDES, ("fp16", "fp32"))
     dits = [e for e in plan.engines if e.graph == "dit"]
@@ -114,7 +137,7 @@ def test_missing_bf16_and_vae_are_skipped_with_reasons():
 
 
 @pytest.mark.parametrize("budgets, precisions, match", [
-    ((1024,), ("int8",), "Unknown precision"),
+    ((1024,), ("int4",), "Unknown precision"),
     ((1000,), ("fp16",), "not a trained budget"),
     ((1024 * 1000,), ("fp16",), "not a trained budget"),
     ((), ("fp16",), "No budgets"),

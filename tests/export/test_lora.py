@@ -131,8 +131,9 @@ def _other_model_lora(path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lean", [False, True], ids=["regular", "lean"])
 @pytest.mark.parametrize("case", ["other-model", "corrupt", "nan-scale", "inf-scale", "text-scale"])
-def test_bad_lora_input_is_one_line_exit_2(case, tiny_model_dir, existing_art, tmp_path, capsys, factors):
+def test_bad_lora_input_is_one_line_exit_2(case, lean, tiny_model_dir, existing_art, tmp_path, capsys, factors):
     good = write_lora(factors, tmp_path / "good.safetensors", "peft")
     arg = {
         "other-model": str(_other_model_lora(tmp_path / "flux.safetensors")),
@@ -142,7 +143,8 @@ def test_bad_lora_input_is_one_line_exit_2(case, tiny_model_dir, existing_art, t
         "text-scale": f"{good}:strong",
     }[case]
     before = _snapshot(existing_art)
-    code = main(["export", str(tiny_model_dir), "--out", str(existing_art), *EXPORT_FLAGS, "--lora", arg])
+    flags = [*EXPORT_FLAGS, *(["--lean"] if lean else [])]
+    code = main(["export", str(tiny_model_dir), "--out", str(existing_art), *flags, "--lora", arg])
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]  # progress lines precede it
     assert code == 2
@@ -210,3 +212,72 @@ def test_swap_gives_the_pixels_of_a_fresh_export(factors, lora_dir, tiny_model_d
     assert not (swapped / "lora" / "base.safetensors").exists()
     plain = _diffusers_edit(tiny_model_dir, None, inputs)
     assert float(np.abs(_ort_edit(swapped, inputs) - plain).max()) <= TOLERANCE, "--clear did not restore the base"
+
+
+# --- the lean (streamed) export fuses LoRAs per layer -----------------------------------------------------------
+
+
+def _dit_weights(art: Path) -> dict[str, np.ndarray]:
+    """Module -> weight [out, in] of every linear layer found in the fp32 DiT graph (through ``lora/index.json``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    index = json.loads((art / "lora" / "index.json").read_text())["onnx/dit.onnx"]
+    inits = {t.name: t for t in onnx.load(str(art / "onnx" / "dit.onnx")).graph.initializer}
+    out = {}
+    for module, (name, transposed, _shape) in index.items():
+        if name is not None:
+            arr = numpy_helper.to_array(inits[name])
+            out[module] = arr.T if transposed else arr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("consume", [False, True], ids=["keep-shards", "consume-shards"])
+def test_lean_lora_export_equals_the_regular_one(consume, factors, lora_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    lora = write_lora(factors, lora_dir / "lean-kohya.safetensors", "kohya")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    regular, lean = tmp_path / "regular", tmp_path / "lean"
+    assert main(["export", str(model), "--out", str(regular), *EXPORT_FLAGS, "--lora", f"{lora}:{SCALE}"]) == 0
+    flags = ["--lean", "--dtypes", "fp32", "--no-validate", "--no-ort-fusions", "--lora", f"{lora}:{SCALE}"]
+    assert main(["export", str(model), "--out", str(lean), *flags, *(["--consume-shards"] if consume else [])]) == 0
+    assert not list((model / "transformer").glob("*.safetensors")) if consume else True
+
+    want, got = _dit_weights(regular), _dit_weights(lean)
+    assert set(got) == set(want)
+    different = [m for m in want if not np.array_equal(got[m], want[m])]
+    assert not different, f"lean weights differ from the regular export's in {different[:3]}"
+    base = {k.removesuffix(".weight"): v.numpy() for k, v in
+            QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer").state_dict().items()}
+    fused = [m for m in factors if m in want]
+    assert fused and all(not np.array_equal(want[m], base[m]) for m in fused), "LoRA not fused: test is blind"
+
+    inputs = _edit_inputs(int(json.loads((tiny_model_dir / "vae" / "config.json").read_text())["z_dim"]))
+    diff = float(np.abs(_ort_edit(lean, inputs) - _ort_edit(regular, inputs)).max())
+    assert diff <= 1e-6, f"lean edit differs from the regular export's by {diff:.3g}"
+    record = next(s for s in json.loads((lean / "manifest.json").read_text())["stages"] if s["stage"] == "export")
+    assert record["settings"]["lean"] and record["settings"]["loras"][0]["scale"] == SCALE
+
+    # `uniref-deploy lora` on the lean artifact: bases from the checkpoint (gone when the shards were consumed)
+    second = write_lora(lora_factors(QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer"),
+                                     seed=7, strength=3.0), lora_dir / "lean-second.safetensors", "peft")
+    if consume:
+        snapshot = _snapshot(lean)
+        assert main(["lora", str(lean), "--lora", f"{second}:0.5"]) == 2
+        assert _snapshot(lean) == snapshot, "a refused swap changed the artifact"
+        return
+    assert main(["lora", str(lean), "--lora", f"{second}:0.5"]) == 0
+    fresh = tmp_path / "fresh"
+    assert main(["export", str(model), "--out", str(fresh), *EXPORT_FLAGS, "--lora", f"{second}:0.5"]) == 0
+    got, want = _dit_weights(lean), _dit_weights(fresh)
+    different = [m for m in want if not np.array_equal(got[m], want[m])]
+    assert not different, f"swapped lean weights differ from a fresh export's in {different[:3]}"
+    from uniref_deploy.runtime.manifest import Manifest
+
+    Manifest.load(lean).verify_files(lean)  # hashes were updated
+    assert main(["lora", str(lean), "--clear"]) == 0
+    got = _dit_weights(lean)
+    assert all(np.array_equal(got[m], base[m]) for m in got), "--clear did not restore the checkpoint's weights"

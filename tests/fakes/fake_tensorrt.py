@@ -21,7 +21,10 @@ Only the names this project calls exist; each was checked against NVIDIA/TensorR
 ``INetworkDefinition`` the builder makes; ``python/src/infer/pyFoundationalTypes.cpp``
 for ``DataType`` and ``IHostMemory`` (a buffer with ``nbytes``); ``python/src/parsers/pyOnnx.cpp`` for
 ``OnnxParser`` (``parse_from_file``, ``num_errors``, ``get_error(i).desc()``);
-``python/packaging/bindings_wheel/tensorrt/__init__.py`` for ``nptype`` and ``__version__``. Semantics follow
+``python/packaging/bindings_wheel/tensorrt/__init__.py`` for ``nptype`` and ``__version__``. Refit (pyCore.cpp):
+``ICudaEngine.refittable`` and ``serialize``, ``Refitter(engine, logger)`` with ``set_named_weights(name, weights)``,
+``get_missing_weights``, ``refit_cuda_engine``; ``Weights`` from a numpy array or ``(type, ptr, count)``
+(pyFoundationalTypes.cpp). A refit changes the initializers of the ONNX graph the stand-in engine runs. Semantics follow
 the docstrings in ``python/docstrings/infer/pyCoreDoc.h`` (profile 0 is active by default; switching profiles
 invalidates input shapes; ``set_device_memory`` needs the engine's device memory size; ``set_input_shape`` and
 ``execute_async_v3`` return False on error).
@@ -49,7 +52,7 @@ __version__ = "10.99.0+fake"
 _MAGIC = b"UNIREF-FAKE-TRT\x00"
 _log = logging.getLogger("fake_tensorrt")
 _SESSIONS: dict[int, Any] = {}  # ORT sessions per model (cached across deserialisations in one test run)
-STATS = {"builds": 0, "deserialized": 0, "enqueues": 0, "replays": 0}
+STATS = {"builds": 0, "deserialized": 0, "enqueues": 0, "replays": 0, "refits": 0}
 
 
 class Logger:
@@ -93,6 +96,28 @@ class ExecutionContextAllocationStrategy(enum.IntEnum):
     STATIC = 0
     ON_PROFILE_CHANGE = 1
     USER_MANAGED = 2
+
+
+class Weights:
+    """Host weights: a contiguous numpy array, or ``(DataType, pointer, count)`` (read at once with ctypes)."""
+
+    def __init__(self, a, ptr: int | None = None, count: int | None = None):
+        import ctypes
+
+        if isinstance(a, DataType):
+            itemsize = 2 if a in (DataType.HALF, DataType.BF16) else 4
+            raw = ctypes.string_at(int(ptr), int(count) * itemsize)
+            self.dtype, self.data = a, np.frombuffer(raw, dtype=np.uint16 if a is DataType.BF16 else a.value).copy()
+        else:
+            arr = np.asarray(a)
+            if not arr.flags["C_CONTIGUOUS"]:
+                raise TypeError("Could not convert non-contiguous NumPy array to Weights. Please use "
+                                "numpy.ascontiguousarray() to fix this.")
+            self.dtype, self.data = DataType(arr.dtype.name), arr.reshape(-1).copy()
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
 
 
 class IHostMemory(bytes):
@@ -324,6 +349,12 @@ class Runtime:
 
 
 class ICudaEngine:
+    refittable = property(lambda self: bool(self.header["refit"]))
+
+    def serialize(self) -> IHostMemory:
+        blob = json.dumps(self.header).encode()
+        return IHostMemory(_MAGIC + struct.pack("<Q", len(blob)) + blob + self.model_bytes)
+
     def __init__(self, header: dict, model_bytes: bytes):
         self.header, self.model_bytes = header, model_bytes
         self.io = {n: (TensorIOMode.INPUT, d, DataType(t)) for n, d, t in header["inputs"]}
@@ -380,6 +411,61 @@ class ICudaEngine:
 
     def create_execution_context(self, strategy: ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy.STATIC):
         return IExecutionContext(self, ExecutionContextAllocationStrategy(strategy))
+
+
+class Refitter:
+    """Swaps the engine's float initializers. Weights that feed the same node as a set weight count as combined
+    with it (TensorRT's "missing" weights): a refit needs them too."""
+
+    def __init__(self, engine: ICudaEngine, logger: Logger):
+        import onnx
+
+        if not engine.refittable:
+            raise TypeError("pybind11::init(): factory function returned nullptr (engine is not refittable)")
+        self.engine, self.logger = engine, logger
+        self.model = onnx.load_from_string(engine.model_bytes)
+        self.inits = {t.name: t for t in self.model.graph.initializer if t.data_type in _ONNX_TYPES
+                      and _ONNX_TYPES[t.data_type] in (DataType.FLOAT, DataType.HALF, DataType.BF16)}
+        self.pending: dict[str, Weights] = {}
+
+    def set_named_weights(self, name: str, weights: Weights) -> bool:
+        t = self.inits.get(name)
+        if t is None:
+            _log.error("set_named_weights: '%s' is not a refittable weight", name)
+            return False
+        if weights.dtype is not _ONNX_TYPES[t.data_type] or weights.size != int(np.prod(t.dims)):
+            _log.error("set_named_weights: '%s' expects %s x %d, got %s x %d", name, _ONNX_TYPES[t.data_type].name,
+                       int(np.prod(t.dims)), weights.dtype.name, weights.size)
+            return False
+        self.pending[name] = weights
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        missing = set()
+        for node in self.model.graph.node:
+            names = [n for n in node.input if n in self.inits]
+            if any(n in self.pending for n in names):
+                missing.update(n for n in names if n not in self.pending)
+        return sorted(missing)
+
+    def refit_cuda_engine(self) -> bool:
+        from onnx import numpy_helper
+
+        missing = self.get_missing_weights()
+        if missing:
+            _log.error("refit_cuda_engine: missing weights %s", missing)
+            return False
+        for name, w in self.pending.items():
+            t = self.inits[name]
+            data = w.data.view(np.uint16) if w.dtype is DataType.BF16 else w.data
+            new = numpy_helper.from_array(data.reshape(tuple(t.dims)), name)
+            if w.dtype is DataType.BF16:
+                new.data_type = t.data_type
+            t.CopyFrom(new)
+        self.pending = {}
+        self.engine.model_bytes = self.model.SerializeToString()
+        STATS["refits"] += 1
+        return True
 
 
 def _nbytes(dtype: DataType, shape) -> int:

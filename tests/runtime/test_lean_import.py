@@ -20,6 +20,8 @@ MODULES = (
     "uniref_deploy.runtime.backends.openvino",
     "uniref_deploy.runtime.backends.openvino_precision",
     "uniref_deploy.runtime.cpu",
+    "uniref_deploy.runtime.text_onnx",
+    "uniref_deploy.runtime.text_runners",
 )
 
 PROBE = """

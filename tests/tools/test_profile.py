@@ -11,7 +11,12 @@ pytest.importorskip("matplotlib")
 
 from uniref_deploy.runtime._lazy import is_available  # noqa: E402
 from uniref_deploy.tools.cli import main  # noqa: E402
-from uniref_deploy.tools.profiling import STAGES, procedural_images, summarise_ort_trace  # noqa: E402
+from uniref_deploy.tools.profiling import (  # noqa: E402
+    STAGES,
+    procedural_images,
+    summarise_ort_trace,
+    warm_up_models,
+)
 
 FAST = ["--steps", "2", "--runs", "1", "--warmup", "0", "--width", "128", "--height", "128", "--budgets", "1024"]
 
@@ -65,3 +70,15 @@ def test_profile_trt_unavailable_is_one_line_exit_2(tiny_artifacts, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "TensorRT" in err[0]
     assert not (tmp_path / "profile.json").exists()
+
+
+@pytest.mark.slow  # builds the tiny preset folders, torch text encoder
+@pytest.mark.parametrize("folder", ["tiny_model_dir", "tiny_edit_model_dir"])
+def test_warm_up_is_valid_for_every_pipeline_class(folder, request):
+    """Edit (exactly one reference) refuses an empty-reference encode; the warm-up sends what the class needs."""
+    pytest.importorskip("torch")
+    from uniref_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(request.getfixturevalue(folder), text_encoder_dtype="float32")
+    assert warm_up_models(pipe) > 0
+    assert len(pipe.text_encoder._cache) == 1  # the text model really encoded once

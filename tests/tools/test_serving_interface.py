@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import InputError, ManifestError
+from uniref_deploy.runtime.packing import as_budget
 from uniref_deploy.tools.serving.interface import (
     INPUTS,
     MODEL_NAME,
     OUTPUTS,
     RequestLimits,
+    budget_value,
     decode_image,
     parse_request,
     request_bytes,
@@ -51,7 +54,33 @@ def test_parse_maps_inputs_to_pipeline_arguments():
                                    policy=np.bytes_(b"per-image")), LIMITS)
     assert [im.size for im in kwargs.pop("image")] == [(40, 30), (20, 20)]
     assert kwargs == {"prompt": "make it blue", "num_inference_steps": 3, "true_cfg_scale": 2.5, "seed": 7,
-                      "budget": 1024, "width": 64, "height": 48, "policy": "per-image"}
+                      "budget": Budget.from_side(1024), "width": 64, "height": 48, "policy": "per-image"}
+
+
+@pytest.mark.parametrize("sent", [1024, 512, 1280, 8192, 300_000, 1536 * 1536])
+def test_budget_is_read_as_the_cli_reads_it(sent):
+    """INT32 ``budget`` means what ``--budget N`` means (a side up to 8192, else pixels), as the pipeline sees it."""
+    kwargs = parse_request(request(budget=np.int32(sent)), LIMITS)
+    assert as_budget(kwargs["budget"]) == Budget.parse(str(sent))
+    assert as_budget(kwargs["budget"]).pixels == (sent * sent if sent <= 8192 else sent)
+
+
+@pytest.mark.parametrize("sent", [0, -1024])
+def test_non_positive_budget_is_an_input_error(sent):
+    with pytest.raises(InputError, match="must be positive"):
+        parse_request(request(budget=np.int32(sent)), LIMITS)
+
+
+@pytest.mark.parametrize("budget", [Budget.from_side(512), Budget.from_side(1024), Budget.from_pixels(300_000),
+                                    1536, 2_000_000])
+def test_client_budget_value_reads_back_the_same(budget):
+    kwargs = parse_request(request(budget=np.int32(budget_value(budget))), LIMITS)
+    assert kwargs["budget"] == Budget.parse(budget)
+
+
+def test_client_refuses_a_budget_the_wire_cannot_carry():
+    with pytest.raises(InputError, match="cannot be sent"):
+        budget_value(Budget.from_pixels(5000))
 
 
 def test_decoded_reference_equals_the_file():

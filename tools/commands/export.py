@@ -26,11 +26,13 @@ from uniref_deploy.tools.options import lora_options, model_options, parse_budge
                    "DiT in fp32 exceeds 25% of RAM].")
 @click.option("--consume-shards", is_flag=True,
               help="With --lean: DELETE each checkpoint shard once streamed (for disks that cannot hold both copies).")
+@click.option("--text-graphs/--no-text-graphs", default=True, show_default=True,
+              help="Also export the prompt encoder (text_vision + text_encoder graphs, ART/text/).")
 @model_options
 @lora_options
 def command(model: str, art_dir: str, budgets: str, dtypes: str | None, opset: int, no_validate: bool,
             validation_area: int | None, force: bool, ort_fusions: bool, lean: bool | None,
-            consume_shards: bool, pipeline_class: str | None, text_encoder_dtype: str | None,
+            consume_shards: bool, text_graphs: bool, pipeline_class: str | None, text_encoder_dtype: str | None,
             loras: tuple[str, ...], scheduler_config: str | None) -> None:
     """Export MODEL (diffusers folder or preset name) to ONNX under ART, validated against torch."""
     from pathlib import Path
@@ -51,6 +53,7 @@ def command(model: str, art_dir: str, budgets: str, dtypes: str | None, opset: i
                             opset=opset, validate=not no_validate, validation_area=validation_area, force=force,
                             ort_fusions=ort_fusions, lean=lean, consume_shards=consume_shards,
                             pipeline_class=pipeline_class, text_encoder_dtype=text_encoder_dtype or "auto",
-                            loras=parse_loras(loras), scheduler_config=scheduler_config and Path(scheduler_config))
+                            loras=parse_loras(loras), scheduler_config=scheduler_config and Path(scheduler_config),
+                            text_graphs=text_graphs)
     manifest = export_onnx(path, art_dir, options, progress=say)
     click.echo(f"{len(manifest.graphs)} graph(s) in {art_dir}/manifest.json")

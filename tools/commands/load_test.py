@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from uniref_deploy.tools.options import BudgetParam
+
 
 @click.command("load-test")
 @click.option("--url", default="127.0.0.1:8000", show_default=True, help="host:port of the HTTP or gRPC endpoint.")
@@ -15,7 +17,8 @@ import click
               help="Generated reference images per edit.")
 @click.option("--width", type=click.IntRange(16, 16384), default=64, show_default=True)
 @click.option("--height", type=click.IntRange(16, 16384), default=64, show_default=True)
-@click.option("--budget", type=int, default=None, help="Compiled budget side (default: the server's default).")
+@click.option("--budget", type=BudgetParam(), default=None,
+              help="As `edit --budget`: a side (1024), a pixel count or WxH (default: the server's default).")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="Untimed edits sent first (cold instances load their text encoder on the first request).")
 @click.option("--server-pid", type=int, default=None, help="Sample the RSS of this process and its children.")

@@ -12,7 +12,8 @@ from uniref_deploy.tools.options import parse_loras
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]", help="LoRA to fuse (repeatable).")
 @click.option("--clear", is_flag=True, help="Remove every fused LoRA (back to the base weights).")
 def command(art_dir: str, loras: tuple[str, ...], clear: bool) -> None:
-    """Rewrite the LoRA-affected weights of ART's DiT graphs; stale engines/FP8 graphs are dropped."""
+    """Rewrite the LoRA-affected weights of ART's DiT graphs; refittable engines are refitted, other DiT engines
+    and FP8 graphs are dropped as stale."""
     from uniref_deploy.export.lora_swap import swap_loras
     from uniref_deploy.runtime.errors import InputError
 

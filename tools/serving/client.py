@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from uniref_deploy.runtime.errors import MissingDependencyError, UnirefError
-from uniref_deploy.tools.serving.interface import INPUTS, MODEL_NAME
+from uniref_deploy.tools.serving.interface import INPUTS, MODEL_NAME, budget_value
 
 PROTOCOLS = ("http", "grpc")
 _NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "STRING": object}
@@ -60,6 +60,7 @@ class EditClient:
 
     def edit(self, prompt: str | None, images: Sequence[bytes] = (), **options) -> EditResult:
         """Send one edit. ``options``: negative_prompt, steps, true_cfg_scale, seed, budget, policy, width, height.
+        ``budget`` is a :class:`Budget` or an int read as the CLI's ``--budget`` (a side up to 8192, else pixels).
 
         Raises:
             EditRequestError: the server refused the request (its message) or could not be reached.
@@ -79,6 +80,8 @@ class EditClient:
         """The ``InferInput`` list of one request (inputs left at None are omitted)."""
         specs = {s.name: s for s in INPUTS}
         values = {"prompt": prompt, **options}
+        if values.get("budget") is not None:
+            values["budget"] = budget_value(values["budget"])
         unknown = sorted(set(values) - set(specs))
         if unknown:
             raise EditRequestError(f"Unknown option(s) {unknown}.", f"use {sorted(specs)}.")

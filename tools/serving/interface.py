@@ -2,8 +2,8 @@
 
 Every tensor carries Triton's batch dimension first (``max_batch_size: 1``). Inputs: ``prompt`` BYTES [1];
 ``images`` BYTES [-1] (encoded PNG/JPEG/WebP files, omitted or empty for none); optional ``negative_prompt``
-BYTES [1], ``steps`` INT32 [1], ``true_cfg_scale`` FP32 [1], ``seed`` INT64 [1], ``budget`` INT32 [1] (a compiled
-side), ``policy`` BYTES [1], ``width``/``height`` INT32 [1]. Outputs: ``image`` BYTES [1] (PNG) and ``timings``
+BYTES [1], ``steps`` INT32 [1], ``true_cfg_scale`` FP32 [1], ``seed`` INT64 [1], ``budget`` INT32 [1] (read as the
+CLI's ``--budget``: up to 8192 a side, above a pixel count), ``policy`` BYTES [1], ``width``/``height`` INT32 [1]. Outputs: ``image`` BYTES [1] (PNG) and ``timings``
 BYTES [1] (JSON: seconds per stage).
 
 Checks run cheapest first: the request's byte size and reference count before any image is decoded.
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.errors import InputError
 from uniref_deploy.runtime.images import MAX_PIXELS, load_image
 
@@ -58,7 +59,7 @@ _SCALARS = {
     "steps": ("num_inference_steps", int),
     "true_cfg_scale": ("true_cfg_scale", float),
     "seed": ("seed", int),
-    "budget": ("budget", int),
+    "budget": ("budget", lambda value: Budget.parse(int(value))),  # the CLI's rule (a side up to 8192)
     "policy": ("policy", "text"),
     "width": ("width", int),
     "height": ("height", int),
@@ -174,6 +175,21 @@ def _images(arr: np.ndarray | None, max_references: int) -> list[bytes]:
             f"send at most {max_references}, or start the server with a larger --max-references.",
         )
     return [bytes(x) for x in arr[0]]
+
+
+def budget_value(budget: Budget | int) -> int:
+    """The ``budget`` tensor's value for a budget: its side when square (as ``--budget 1024``), else its pixels.
+
+    Raises:
+        InputError: a non-square budget of at most 8192 pixels (the wire form would read back as a side).
+    """
+    budget = Budget.parse(budget)
+    if budget.is_square:
+        return budget.side
+    if Budget.parse(budget.pixels) != budget:
+        raise InputError(f"Budget {budget} cannot be sent: a number up to 8192 is read as a side.",
+                         "use a square budget (send its side) or more than 8192 pixels.")
+    return budget.pixels
 
 
 def _scalar(tensors: dict[str, np.ndarray], name: str, kind) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uniref_deploy.runtime.budget import Budget
 from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text
 from uniref_deploy.tools.serving.client import EditClient, EditRequestError
 
@@ -33,7 +34,8 @@ class LoadTestOptions:
         url (str): ``host:port`` of the endpoint. protocol (str): ``http`` or ``grpc``.
         requests (int): edits to send (default 50). concurrency (int): client threads (default 4).
         steps (int): denoising steps per edit (default 2). references (int): generated references per edit.
-        width, height (int): output size. budget (int | None): compiled side, None = server default.
+        width, height (int): output size. budget (Budget | int | None): a ``Budget``, or an int read as
+            ``--budget`` (a side up to 8192, else pixels); None = the server default.
         server_pid (int | None): the server's pid (tree RSS is sampled when given). rss_after (int): early sample.
         warmup (int): untimed edits sent first (same concurrency), e.g. to load each instance's text encoder.
     """
@@ -46,7 +48,7 @@ class LoadTestOptions:
     references: int = 1
     width: int = 64
     height: int = 64
-    budget: int | None = None
+    budget: Budget | int | None = None
     prompt: str = "Make the sky in picture 1 purple."
     server_pid: int | None = None
     rss_after: int = 10
@@ -152,7 +154,7 @@ def summarize(opts: LoadTestOptions, rec: _Record, wall_s: float, rss_end: int |
     pct = {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if lat.size else {}
     growth = (rss_end / rec.rss_early - 1.0) if rec.rss_early and rss_end else None
     return {
-        "options": asdict(opts),
+        "options": {**asdict(opts), "budget": None if opts.budget is None else Budget.parse(opts.budget).name},
         "requests": opts.requests,
         "succeeded": int(lat.size),
         "failures": len(rec.errors),
