@@ -104,6 +104,7 @@ def _fp8_per_tensor(x: torch.Tensor) -> torch.Tensor:
     return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
+@pytest.mark.slow  # fake-quantizes every outlier linear of a tiny model (~10-50 s)
 def test_outliers_break_per_tensor_int8_but_not_fp8() -> None:
     """Static per-tensor activation scales (what TensorRT INT8 wants) lose >= 15 dB of output SQNR at every outlier
     linear; E4M3's exponent absorbs 20-100x outliers (measured on tiny: INT8 ~43 -> 12-19 dB, FP8 ~32 dB both)."""
