@@ -74,7 +74,7 @@ class EncoderDims:
     def from_config(cls, cfg: dict) -> EncoderDims:
         text = cfg.get("text_config") or cfg
         vision = cfg["vision_config"]
-        hidden = int(text.get("hidden_size", cfg.get("hidden_size")))
+        hidden = int(text.get("hidden_size") or cfg["hidden_size"])
         return cls(
             hidden=hidden, heads=int(text["num_attention_heads"]), kv_heads=int(text["num_key_value_heads"]),
             layers=int(text["num_hidden_layers"]), vocab=int(text["vocab_size"]),

@@ -48,7 +48,7 @@ class QwenVLConfig:
         v_rope = vision.get("rope_parameters") or {}
         try:
             return cls(
-                image_token_id=int(d.get("image_token_id", text.get("image_token_id"))),
+                image_token_id=int(d.get("image_token_id") or text["image_token_id"]),
                 hidden_size=int(text["hidden_size"]),
                 head_dim=int(text.get("head_dim") or text["hidden_size"] // heads),
                 rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
