@@ -324,6 +324,33 @@ def _external_initializer(name: str, shape: tuple[int, ...], dtype: int, locatio
     return t
 
 
+def stream_plan(declared: Mapping[str, tuple[tuple[int, ...], int]], keys: Mapping[str, str | None],
+                ckpt: Mapping[str, SafetensorsEntry], what: str) -> list[tuple[str, SafetensorsEntry, int]]:
+    """(initializer, checkpoint entry, ONNX dtype) for each declared initializer, in graph order.
+
+    ``keys`` maps an initializer name to its checkpoint key (None: no key).
+
+    Raises:
+        ExportError: an initializer has no checkpoint tensor, or its shape or dtype does not fit (first three named).
+    """
+    plan, problems = [], []
+    for name, (shape, onnx_dtype) in declared.items():
+        key = keys.get(name)
+        entry = ckpt.get(key) if key else None
+        if entry is None:
+            problems.append(f"'{name}' (checkpoint key {key!r}) is not in the checkpoint")
+        elif entry.shape != shape:
+            problems.append(f"'{key}' has shape {entry.shape} in the checkpoint, {shape} in the graph")
+        elif entry.dtype not in ST_DTYPES or onnx_dtype not in ONNX_TO_ST:
+            problems.append(f"'{key}': unsupported dtype {entry.dtype} -> {onnx_dtype}")
+        else:
+            plan.append((name, entry, onnx_dtype))
+    if problems:
+        raise ExportError(f"{what} cannot map {len(problems)} initializer(s): {'; '.join(problems[:3])}.",
+                          "is the checkpoint complete and does its config match?")
+    return plan
+
+
 def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, config: ModelConfig | None = None,
                     dtype: str = "bf16", progress: Progress | None = None, *, keep_fp32: Iterable[str] = (),
                     opset: int = DEFAULT_OPSET, consume_shards: bool = False, check: bool = True,
@@ -365,21 +392,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
     del module
 
     ckpt = checkpoint_index(tdir)
-    plan, problems = [], []
-    for name, (shape, onnx_dtype) in declared.items():
-        key = param_keys.get(name)
-        entry = ckpt.get(key) if key else None
-        if entry is None:
-            problems.append(f"'{name}' (checkpoint key {key!r}) is not in the checkpoint")
-        elif entry.shape != shape:
-            problems.append(f"'{key}' has shape {entry.shape} in the checkpoint, {shape} in the graph")
-        elif entry.dtype not in ST_DTYPES or onnx_dtype not in ONNX_TO_ST:
-            problems.append(f"'{key}': unsupported dtype {entry.dtype} -> {onnx_dtype}")
-        else:
-            plan.append((name, entry, onnx_dtype))
-    if problems:
-        raise ExportError(f"Lean export cannot map {len(problems)} initializer(s): {'; '.join(problems[:3])}.",
-                          "is the checkpoint complete and does its config match?")
+    plan = stream_plan(declared, param_keys, ckpt, "Lean export")
     stats["initializers"] = len(plan)
     stats["lora_layers"] = sum(1 for _, e, _ in plan if e.key in deltas)
     stats["unused_checkpoint_tensors"] = len(ckpt) - len(plan)

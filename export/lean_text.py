@@ -38,13 +38,13 @@ from .graph_export import DEFAULT_OPSET, name_dynamic_axes
 from .lean import (
     ALIGNMENT,
     CHUNK_BYTES,
-    ONNX_TO_ST,
     ST_DTYPES,
     SafetensorsEntry,
     _convert,
     _external_initializer,
     checkpoint_index,
     peak_rss_bytes,
+    stream_plan,
     stream_tensors,
     trace_meta_module,
 )
@@ -148,21 +148,8 @@ def export_text_graph_lean(model_dir: Path, name: str, out_path: Path, dtype: st
              "parameters": sum(p.numel() for p in module.parameters())}
     del module, model
     ckpt = ckpt if ckpt is not None else checkpoint_index(tdir)
-    plan, problems = [], []
-    for init, (shape, onnx_dtype) in declared.items():
-        key = checkpoint_key(names.get(init, ""), ckpt)
-        entry = ckpt.get(key) if key else None
-        if entry is None:
-            problems.append(f"'{init}' ({names.get(init)!r}) is not in the checkpoint")
-        elif entry.shape != shape:
-            problems.append(f"'{key}' has shape {entry.shape} in the checkpoint, {shape} in the graph")
-        elif entry.dtype not in ST_DTYPES or onnx_dtype not in ONNX_TO_ST:
-            problems.append(f"'{key}': unsupported dtype {entry.dtype} -> {onnx_dtype}")
-        else:
-            plan.append((init, entry, onnx_dtype))
-    if problems:
-        raise ExportError(f"Lean text export cannot map {len(problems)} initializer(s): {'; '.join(problems[:3])}.",
-                          "is the checkpoint complete and does its config match?")
+    keys = {init: checkpoint_key(names.get(init, ""), ckpt) for init in declared}
+    plan = stream_plan(declared, keys, ckpt, "Lean text export")
     say(f"lean export: {name}: streaming {len(plan)} tensors into {out_path.name}.data")
     stats.update(_write_graph(program, declared, plan, out_path, name, config, say, consume_shards))
     stats.update(initializers=len(plan), streamed_bytes=sum(e.nbytes for _, e, _ in plan),

@@ -116,3 +116,17 @@ def test_stream_tensors_converts_and_consumes(tmp_path: Path) -> None:
                                   values.astype(ml_dtypes.bfloat16).astype(np.float32))
     off, n = locs["w16"]
     assert data[off:off + n] == raw
+
+
+def test_stream_plan_names_what_does_not_fit() -> None:
+    from uniref_deploy.export.lean import SafetensorsEntry, stream_plan
+    from uniref_deploy.runtime.errors import ExportError
+
+    fp16 = onnx.TensorProto.FLOAT16
+    ckpt = {"a.weight": SafetensorsEntry("a.weight", Path("s.safetensors"), 0, 16, "BF16", (2, 4)),
+            "b.weight": SafetensorsEntry("b.weight", Path("s.safetensors"), 16, 32, "BF16", (4, 2))}
+    plan = stream_plan({"A": ((2, 4), fp16)}, {"A": "a.weight"}, ckpt, "Lean export")
+    assert [(name, entry.key, dtype) for name, entry, dtype in plan] == [("A", "a.weight", fp16)]
+    with pytest.raises(ExportError, match=r"Lean export cannot map 2 initializer\(s\).*'C'.*shape \(4, 2\)"):
+        stream_plan({"A": ((2, 4), fp16), "C": ((1,), fp16), "B": ((2, 4), fp16)},
+                    {"A": "a.weight", "C": None, "B": "b.weight"}, ckpt, "Lean export")
