@@ -324,6 +324,26 @@ def _external_initializer(name: str, shape: tuple[int, ...], dtype: int, locatio
     return t
 
 
+def save_lean_graph(model: onnx.ModelProto, io: tuple[Sequence, Sequence], tmp_dir: Path, out_path: Path,
+                    location: str, check: bool = True) -> None:
+    """Name the dynamic axes, save the graph beside its streamed data in ``tmp_dir``, check it (full shape
+    inference), then move data and graph into place: data first, so a graph never points at nothing.
+
+    Raises:
+        ExportError: the ONNX checker rejects the graph.
+    """
+    inputs, outputs = io
+    name_dynamic_axes(model, [*inputs, *outputs])
+    onnx.save_model(model, str(tmp_dir / out_path.name))
+    if check:
+        try:
+            onnx.checker.check_model(str(tmp_dir / out_path.name), full_check=True)
+        except Exception as err:
+            raise ExportError(f"ONNX checker rejected the lean '{out_path.name}': {str(err).splitlines()[0]}") from err
+    os.replace(tmp_dir / location, out_path.parent / location)
+    os.replace(tmp_dir / out_path.name, out_path)
+
+
 def stream_plan(declared: Mapping[str, tuple[tuple[int, ...], int]], keys: Mapping[str, str | None],
                 ckpt: Mapping[str, SafetensorsEntry], what: str) -> list[tuple[str, SafetensorsEntry, int]]:
     """(initializer, checkpoint entry, ONNX dtype) for each declared initializer, in graph order.
@@ -412,17 +432,7 @@ def export_dit_lean(model_dir: str | os.PathLike, out_path: str | os.PathLike, c
         del program
         for name, (shape, onnx_dtype) in declared.items():
             model.graph.initializer.append(_external_initializer(name, shape, onnx_dtype, location, *locations[name]))
-        inputs, outputs = dit_io(config)
-        name_dynamic_axes(model, [*inputs, *outputs])
-        onnx.save_model(model, str(tmp_dir / out_path.name))
-        del model
-        if check:
-            try:
-                onnx.checker.check_model(str(tmp_dir / out_path.name), full_check=True)
-            except Exception as err:
-                raise ExportError(f"ONNX checker rejected the lean '{out_path.name}': {str(err).splitlines()[0]}") from err
-        os.replace(tmp_dir / location, out_path.parent / location)  # data first: a graph never points at nothing
-        os.replace(tmp_dir / out_path.name, out_path)
+        save_lean_graph(model, dit_io(config), tmp_dir, out_path, location, check)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     stats.update(

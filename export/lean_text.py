@@ -34,7 +34,7 @@ from uniref_deploy.runtime.encoder_io import (
 from uniref_deploy.runtime.errors import ExportError
 from uniref_deploy.runtime.fileio import make_temp_dir
 
-from .graph_export import DEFAULT_OPSET, name_dynamic_axes
+from .graph_export import DEFAULT_OPSET
 from .lean import (
     ALIGNMENT,
     CHUNK_BYTES,
@@ -44,6 +44,7 @@ from .lean import (
     _external_initializer,
     checkpoint_index,
     peak_rss_bytes,
+    save_lean_graph,
     stream_plan,
     stream_tensors,
     trace_meta_module,
@@ -110,16 +111,7 @@ def _write_graph(program, declared: dict, plan: list, out_path: Path, name: str,
         model = ir.to_proto(program.model)
         for init, (shape, onnx_dtype) in declared.items():
             model.graph.initializer.append(_external_initializer(init, shape, onnx_dtype, location, *locations[init]))
-        inputs, outputs = text_graph_io(name, config)
-        name_dynamic_axes(model, [*inputs, *outputs])
-        onnx.save_model(model, str(tmp_dir / out_path.name))
-        del model
-        try:
-            onnx.checker.check_model(str(tmp_dir / out_path.name), full_check=True)
-        except Exception as err:
-            raise ExportError(f"ONNX checker rejected the lean '{out_path.name}': {str(err).splitlines()[0]}") from err
-        os.replace(tmp_dir / location, out_path.parent / location)  # data first: a graph never points at nothing
-        os.replace(tmp_dir / out_path.name, out_path)
+        save_lean_graph(model, text_graph_io(name, config), tmp_dir, out_path, location)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return {"stream_seconds": round(seconds, 2), "data_bytes": (out_path.parent / location).stat().st_size}
