@@ -21,12 +21,10 @@ the ``qdq`` variant for TensorRT. The layers the FP8 path keeps high precision (
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from uniref_deploy.export.graph_pass import initializer_map
-from uniref_deploy.runtime._lazy import is_available, require
+from uniref_deploy.runtime._lazy import is_available
 from uniref_deploy.runtime.artifacts import CALIBRATION_INT8_REPORT
 from uniref_deploy.runtime.backends.ort import OrtBackend
 from uniref_deploy.runtime.errors import CalibrationError, InputError
@@ -50,6 +48,7 @@ from uniref_deploy.runtime.precision import INT8_QDQ_VARIANT as QDQ_VARIANT
 
 from . import dataset as ds
 from .fp8 import FIGURE_KEYS
+from .int8_kernels import integer_kernels, openvino_kernels
 from .layers import Layer, find_layers, split_layers
 from .passes.gemm_matmul import GemmToMatMul
 from .passes.int8_activations import QuantizeActivationsInt8
@@ -66,8 +65,6 @@ QDQ_FILE = "onnx/dit.int8.qdq.onnx"
 STAGE = "calibrate_int8"
 MODES = ("auto", "static", "dynamic")
 STATIC, SMOOTH, DYNAMIC = "static", "static+smoothquant", "dynamic"
-INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm",
-               "MatMulNBits")
 OUTLIER_RATIO = 8.0  # a tensor is smoothed when its largest channel absmax exceeds 8x the median one
 Progress = Callable[[str], None]
 
@@ -141,45 +138,6 @@ class Candidate:
 
 
 # ---- checks -------------------------------------------------------------------------------------------------------
-
-
-def float_weight_matmuls(model: onnx.ModelProto) -> int:
-    """MatMul/Gemm nodes that read a 2-D float32 constant weight (what quantisation must have replaced)."""
-    inits = initializer_map(model.graph)
-    count = 0
-    for node in model.graph.node:
-        w = inits.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
-        if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
-            count += 1
-    return count
-
-
-def integer_kernels(path: Path) -> dict:
-    """Op counts of ONNX Runtime's optimised CPU graph of ``path``: integer matmuls and float constant matmuls."""
-    ort = require("onnxruntime", extra="onnx")
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fused graph
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(opts.optimized_model_filepath)
-    ops = collections.Counter(n.op_type for n in optimized.graph.node)
-    return {"integer_ops": {op: ops[op] for op in INTEGER_OPS if ops[op]},
-            "integer_matmuls": sum(ops[op] for op in INTEGER_OPS), "float_weight_matmuls": float_weight_matmuls(optimized)}
-
-
-def openvino_kernels(path: Path) -> dict | None:
-    """FullyConnected nodes of OpenVINO's compiled CPU model of ``path`` by runtime precision (None: no OpenVINO)."""
-    if not is_available("openvino"):
-        return None
-    import openvino
-
-    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    counts = collections.Counter(
-        str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in compiled.get_runtime_model().get_ordered_ops()
-        if op.get_rt_info()["layerType"].astype(str) == "FullyConnected")
-    return {"fully_connected": dict(counts), "int8": counts["i8"] + counts["u8"]}
 
 
 def check_kernels(cand: Candidate, quantised: int, kept: int) -> None:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("onnxruntime")
 
-from uniref_deploy.calibration.int8 import INTEGER_OPS, float_weight_matmuls, integer_kernels  # noqa: E402
+from uniref_deploy.calibration.int8_kernels import INTEGER_OPS, float_weight_matmuls, integer_kernels  # noqa: E402
 from uniref_deploy.calibration.passes.gemm_matmul import GemmToMatMul  # noqa: E402
 from uniref_deploy.calibration.passes.int8_activations import QuantizeActivationsInt8  # noqa: E402
 from uniref_deploy.calibration.passes.int8_weights import QuantizeWeightsInt8, block_for, int8_weight  # noqa: E402
