@@ -3,7 +3,8 @@
 OpenVINO reads ``onnx/*.onnx`` unchanged (dynamic axes stay dynamic). Its inference-precision hint runs a graph's
 matmuls and convolutions in bf16 where the CPU has native bf16 (AMX or AVX-512 BF16); which graphs may use it is
 decided by measured accuracy (``openvino_precision.py``, recorded in the manifest), since bf16 ruins some graphs
-(a randomly initialised VAE) while the DiT keeps the bf16 level of error. Compiled models are cached in
+(a randomly initialised VAE) while the DiT keeps the bf16 level of error. In bf16, sinusoids of graph inputs (the
+DiT's timestep projection) run in an f32 pre-model (``openvino_islands.py``), as diffusers keeps them in fp32. Compiled models are cached in
 ``ART/cache/openvino`` so a second start skips compilation. Needs ``pip install 'uniref-deploy[openvino]'``, no torch.
 """
 
@@ -21,6 +22,7 @@ from ..errors import BackendError, InputError, ManifestError
 from ..graphs import DIT, GRAPH_NAMES
 from ..manifest import GraphSpec, Manifest, ModelConfig, verify_graph
 from .base import Backend
+from .openvino_islands import IslandSplit, split_f32_islands
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ class OpenVinoBackend(Backend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.compiled: Any = None  # openvino.CompiledModel once active
         self._request: Any = None
+        self.islands: IslandSplit | None = None  # bf16: the f32 islands split off the graph (openvino_islands.py)
+        self._pre: Any = None  # their compiled f32 pre-model, when there are any
+        self._pre_inputs: list[str] = []
+        self._main_inputs: list[str] = []
         self._ports: dict[str, Any] = {}
 
     def compile_config(self) -> dict[str, str]:
@@ -86,20 +92,38 @@ class OpenVinoBackend(Backend):
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
-            compiled = ov.Core().compile_model(str(self.path), self.device, self.compile_config())
+            compiled = self._compile(ov.Core())
         except Exception as err:  # OpenVINO raises RuntimeError with a multi-line message
             raise BackendError(f"OpenVINO cannot compile '{self.path}': {err}".splitlines()[0],
                                "the file may be damaged; re-run the export.") from err
         self.compiled, self._request = compiled, compiled.create_infer_request()
         self._ports = {s.name: compiled.output(s.name) for s in self.outputs}
 
+    def _compile(self, core: Any) -> Any:
+        """Compile the graph; in bf16, its f32 islands first go to an f32 pre-model (``self._pre``)."""
+        config = self.compile_config()
+        if self.inference_precision != "bf16":
+            return core.compile_model(str(self.path), self.device, config)
+        self.islands = split_f32_islands(core.read_model(str(self.path)))
+        if self.islands.pre is not None:
+            self._pre = core.compile_model(self.islands.pre, self.device, {**config, "INFERENCE_PRECISION_HINT": "f32"})
+            self._pre_inputs, self._main_inputs = self.islands.pre_inputs(), self.islands.main_inputs()
+        return core.compile_model(self.islands.main, self.device, config)
+
     def _deactivate(self) -> None:
         self._request = None
         self.compiled = None
+        self._pre = None
+        self.islands = None
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         try:
-            out = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_outputs=False)
+            if self._pre is not None:
+                pre = self._pre.create_infer_request().infer({k: feeds[k] for k in self._pre_inputs})
+                feeds.update({port.get_any_name(): np.asarray(pre[port]) for port in self._pre.outputs})
+                feeds = {k: feeds[k] for k in self._main_inputs}
+            out = self._request.infer(feeds, share_outputs=False)
         except Exception as err:
             raise BackendError(f"OpenVINO failed on graph '{self.name}': {err}".splitlines()[0]) from err
         return {name: np.asarray(out[port], dtype=np.float32) for name, port in self._ports.items()}

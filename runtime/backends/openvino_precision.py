@@ -24,6 +24,7 @@ from ..manifest import Manifest, ModelConfig, StageRecord
 from ..packing import pack_references
 from ..rope import RopeCache, RopeConfig, modulation_index
 from .openvino import OpenVinoBackend, _ov, native_bf16
+from .openvino_islands import RULE_VERSION as ISLAND_RULE_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def record_key(manifest: Manifest, device: str) -> str:
     graphs = {g.key: g.sha256 for g in manifest.graphs if g.name in GRAPH_NAMES and g.precision == "fp32"
               and not g.variant}
     return sha256_json({"graphs": graphs, "openvino": _ov().__version__, "device": device,
-                        "tolerance": BF16_TOLERANCE})
+                        "tolerance": BF16_TOLERANCE, "f32_islands": ISLAND_RULE_VERSION})
 
 
 def measure_precisions(manifest: Manifest, art_dir: str | Path, threads: int | None = None, device: str = "CPU",
