@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from uniref_deploy.runtime.errors import ManifestError
-from uniref_deploy.runtime.fileio import atomic_path, atomic_write_text, sha256_file
+from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file
 from uniref_deploy.runtime.graphs import DIT
 from uniref_deploy.runtime.locking import writes_artifacts
 from uniref_deploy.runtime.manifest import ORT_VARIANT, Manifest, StageRecord
 
 from .lean_swap import read_lean_source, swap_lean
 from .lora import BASE_FILE, LoraSpec, fused_weight, lora_pairs, read_checked, save_lora_base
+from .onnx_files import data_file, save_graph
 
 INDEX_FILE = "lora/index.json"
 NP_DTYPES = {1: np.float32, 10: np.float16}  # ONNX TensorProto FLOAT, FLOAT16
@@ -169,13 +170,7 @@ def _rewrite(path: Path, values: dict[str, tuple[np.ndarray, bool]]) -> None:
             arr, transposed = values[t.name]
             arr = np.ascontiguousarray(arr.T if transposed else arr, dtype=NP_DTYPES[t.data_type])
             t.CopyFrom(numpy_helper.from_array(arr, t.name))
-    external = path.with_name(path.name + ".data").is_file()
-    with atomic_path(path) as tmp:
-        if external:
-            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data.new")
-            (tmp.parent / (path.name + ".data.new")).replace(path.with_name(path.name + ".data"))
-        else:
-            onnx.save(model, str(tmp))
+    save_graph(model, path, external=data_file(path).is_file())
 
 
 def _rehash(art: Path, manifest: Manifest, rel: str) -> Manifest:
