@@ -35,9 +35,11 @@ import onnx
 from onnx import numpy_helper
 
 from uniref_deploy.export.graph_pass import initializer_map
+from uniref_deploy.export.onnx_files import data_file, move_graph, save_graph
 from uniref_deploy.runtime._lazy import is_available
 from uniref_deploy.runtime.artifacts import CALIBRATION_INT8_REPORT
 from uniref_deploy.runtime.backends.ort import OrtBackend
+from uniref_deploy.runtime.cpu import available_memory_bytes
 from uniref_deploy.runtime.errors import CalibrationError, InputError
 from uniref_deploy.runtime.fileio import atomic_write_text, sha256_file, sha256_json
 from uniref_deploy.runtime.generation import Staging
@@ -61,6 +63,7 @@ from .smoothquant import outlier_ratio, plan_smoothing, smoothed_amax
 logger = logging.getLogger(__name__)
 
 INT8_FILE = "onnx/dit.int8.onnx"
+MEMORY_FACTOR = 3.0  # peak RSS / fp32 DiT bytes of the stage, rounded up
 QDQ_FILE = "onnx/dit.int8.qdq.onnx"
 STAGE = "calibrate_int8"
 MODES = ("auto", "static", "dynamic")
@@ -174,6 +177,7 @@ def calibrate_int8(art_dir, options: Int8Options, progress: Progress | None = No
     manifest = Manifest.load(art)
     fp32 = manifest.graph(DIT, "fp32")
     manifest.verify_files(art, (fp32.key,))
+    check_memory(art, fp32)
     spec = ds.DatasetSpec(samples=options.samples, seed=options.seed, max_pixels=options.max_pixels)
     inputs_sha = sha256_json({"dit": fp32.sha256, "options": options.settings(), "scheme": "int8-v2",
                               "dataset": ds.fingerprint(spec, manifest)})
@@ -227,11 +231,11 @@ def calibrate_int8(art_dir, options: Int8Options, progress: Progress | None = No
         # 5. record: the chosen graph (+ the static Q/DQ one), the report, the manifest
         report = _report(candidates, chosen, qdq, options, quant, high, channel_amax)
         (staging.root / INT8_FILE).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(chosen.path, staging.root / INT8_FILE)
+        move_graph(chosen.path, staging.root / INT8_FILE)
         new = manifest.without_graph(f"{DIT}.int8.{QDQ_VARIANT}")
         new = new.with_graph(_spec(fp32, INT8_FILE, staging.root, _info(chosen, report, candidates)))
         if qdq is not None:
-            shutil.move(qdq.path, staging.root / QDQ_FILE)
+            move_graph(qdq.path, staging.root / QDQ_FILE)
             new = new.with_graph(_spec(fp32, QDQ_FILE, staging.root, _info(qdq, report, candidates), QDQ_VARIANT))
         shutil.rmtree(staging.root / "candidates", ignore_errors=True)
         atomic_write_text(staging.root / CALIBRATION_INT8_REPORT, json.dumps(report, indent=2) + "\n")
@@ -246,6 +250,23 @@ def calibrate_int8(art_dir, options: Int8Options, progress: Progress | None = No
         raise
     _say(progress, f"calibrate int8: wrote {INT8_FILE} ({chosen.name}) in {seconds:.1f} s")
     return manifest
+
+
+def check_memory(art: Path, fp32: GraphSpec, available: int | None = None) -> None:
+    """Refuse, before loading anything, a DiT whose calibration would not fit in the free memory.
+
+    The stage holds the fp32 graph, one quantised copy being built and an ONNX Runtime session at a time:
+    ``MEMORY_FACTOR`` times the fp32 weights (measured peak on ``small``: see the module docstring).
+    """
+    weights = sum((art / rel).stat().st_size for rel, _ in fp32.files)
+    need = MEMORY_FACTOR * weights
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need > available:
+        raise CalibrationError(
+            f"INT8 calibration of this {weights / 2**30:.1f} GiB fp32 DiT needs about {need / 2**30:.1f} GiB of "
+            f"memory, but {available / 2**30:.1f} GiB is available.",
+            "run `calibrate --precision int8` on a machine with more free memory (the INT8 graph then serves "
+            "anywhere).")
 
 
 def _modes(options: Int8Options) -> list[str]:
@@ -288,7 +309,7 @@ def build_candidate(model: onnx.ModelProto, mode: str, quant: list[Layer], chann
     info["passes"] = counts
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"dit.{mode.replace('+', '_')}.onnx"
-    onnx.save(cand, str(path))
+    save_graph(cand, path)  # weights in <path>.data when the graph nears the protobuf limit
     del cand
     try:
         onnx.checker.check_model(str(path))
@@ -355,8 +376,11 @@ def choose(candidates: list[Candidate], options: Int8Options) -> tuple[Candidate
 
 
 def _spec(fp32: GraphSpec, file: str, root: Path, info: dict, variant: str = "") -> GraphSpec:
+    data = data_file(root / file)
+    if data.is_file():
+        info = {**info, "external_data_sha256": sha256_file(data), "external_data_bytes": data.stat().st_size}
     return GraphSpec(DIT, "int8", file, sha256_file(root / file), fp32.inputs, fp32.outputs, info=info,
-                     variant=variant)
+                     variant=variant, external_data=file + ".data" if data.is_file() else None)
 
 
 def _info(cand: Candidate, report: dict, candidates: list[Candidate]) -> dict:

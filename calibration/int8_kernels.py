@@ -36,9 +36,12 @@ def integer_kernels(path: Path) -> dict:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fused graph
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        # weights beside the graph, so models over protobuf's 2 GB save too; only the op types are read back
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.log_severity_level = 3
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(opts.optimized_model_filepath)
+        optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
     ops = collections.Counter(n.op_type for n in optimized.graph.node)
     return {"integer_ops": {op: ops[op] for op in INTEGER_OPS if ops[op]},
             "integer_matmuls": sum(ops[op] for op in INTEGER_OPS), "float_weight_matmuls": float_weight_matmuls(optimized)}

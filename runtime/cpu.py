@@ -47,3 +47,16 @@ def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> CpuFeatures:
         elif key == "flags" and not flags:
             flags = set(value.split())
     return CpuFeatures(model or "unknown", os.cpu_count() or 1, tuple(f for f in FLAGS if f in flags))
+
+
+def available_memory_bytes(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None:
+    """``MemAvailable`` of ``meminfo`` (Linux format) in bytes, or None where it is unknown."""
+    path = Path(meminfo)
+    if not path.is_file():
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "MemAvailable":
+            parts = value.split()
+            return int(parts[0]) * 1024 if parts and parts[0].isdigit() else None
+    return None

@@ -121,3 +121,47 @@ def test_engine_plan_offers_the_int8_engine(int8_art: Path, capsys) -> None:
     assert weights["dit.int8"] == onnx_weight_stats(int8_art / engine.onnx_file).total
     assert main(["build", str(int8_art), "--budgets", "1024", "--precision", "int8", "--dry-run"]) == 0
     assert "engines/dit.int8.plan" in capsys.readouterr().out
+
+
+def test_large_int8_graphs_keep_their_weights_beside_them(tiny_artifacts: Path, tmp_path: Path, monkeypatch) -> None:
+    """A DiT past protobuf's 2 GB (forced here by lowering the limit) gets INT8 graphs with external data,
+    recorded and hashed in the manifest, that ONNX Runtime and OpenVINO load."""
+    import shutil
+
+    from uniref_deploy.export import onnx_files
+    from uniref_deploy.runtime.manifest import Manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, art)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 0)
+    calibrate_int8(art, Int8Options(activations="static", smooth=False, eval_steps=0, samples=2))
+    manifest = Manifest.load(art)
+    graph = manifest.graph("dit", "int8")
+    assert graph.external_data == INT8_FILE + ".data" and (art / graph.external_data).is_file()
+    assert graph.info["external_data_sha256"]
+    manifest.verify_files(art, (graph.key,))
+    assert not list((art / "onnx").glob("dit.static*"))  # candidates moved or removed, no stray data file
+    rng = np.random.default_rng(0)
+    kw = dict(prompt_embeds=rng.standard_normal((1, 9, 32)).astype(np.float32), width=128, height=128,
+              num_inference_steps=2, seed=2, output_type="np")
+    ref = Pipeline.from_artifacts(art, backend="ort", load_text_encoder=False)(**kw)
+    for backend in ("ort", "openvino") if _has("openvino") else ("ort",):
+        out = Pipeline.from_artifacts(art, backend=backend, precision="int8", load_text_encoder=False)(**kw)
+        assert psnr(out, ref) > 30.0, backend
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused_up_front(tiny_artifacts: Path) -> None:
+    from uniref_deploy.calibration.int8 import check_memory
+    from uniref_deploy.runtime.errors import CalibrationError
+    from uniref_deploy.runtime.manifest import Manifest
+
+    fp32 = Manifest.load(tiny_artifacts).graph("dit", "fp32")
+    check_memory(tiny_artifacts, fp32, available=1 << 40)
+    with pytest.raises(CalibrationError, match=r"needs about .* GiB of memory, but 0\.0 GiB is available"):
+        check_memory(tiny_artifacts, fp32, available=1024)
