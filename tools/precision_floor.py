@@ -68,18 +68,24 @@ class TrajectoryError:
         return asdict(self)
 
 
-def trajectory_error(test: tuple[np.ndarray, list[np.ndarray]],
-                     ref: tuple[np.ndarray, list[np.ndarray]]) -> TrajectoryError:
-    """Compare ``test`` = (latents, velocities) against ``ref`` (same number of steps)."""
-    (lt, vt), (lr, vr) = test, ref
+def step_cosines(test: tuple[np.ndarray, list[np.ndarray]], ref: tuple[np.ndarray, list[np.ndarray]]) -> list[float]:
+    """Cosine of each DiT call's velocity in ``test`` against the same call in ``ref`` (same number of calls)."""
+    vt, vr = test[1], ref[1]
     if len(vt) != len(vr):
         raise ValueError(f"trajectories have {len(vt)} and {len(vr)} DiT calls")
-    peak = float(np.abs(lr).max()) or 1.0
     cos = []
     for a, b in zip(vt, vr, strict=True):
         a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
         cos.append(float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64))))
-    return TrajectoryError(psnr(lt, lr, peak), min(cos), float(np.mean([1.0 - c for c in cos])))
+    return cos
+
+
+def trajectory_error(test: tuple[np.ndarray, list[np.ndarray]],
+                     ref: tuple[np.ndarray, list[np.ndarray]]) -> TrajectoryError:
+    """Compare ``test`` = (latents, velocities) against ``ref`` (same number of steps)."""
+    cos = step_cosines(test, ref)
+    peak = float(np.abs(ref[0]).max()) or 1.0
+    return TrajectoryError(psnr(test[0], ref[0], peak), min(cos), float(np.mean([1.0 - c for c in cos])))
 
 
 def floor_holds(ours: TrajectoryError, peer: TrajectoryError, factor: float = 1.5) -> dict[str, bool]:
