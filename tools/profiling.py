@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,7 +50,8 @@ class ProfileOptions:
         steps: denoising steps per edit; default 8.
         warmup: untimed runs per configuration; default 1.
         runs: timed runs per configuration; default 3.
-        width, height: output size; None = the last reference's aspect at the budget.
+        width, height: output size; None = the last reference's aspect at the budget (without references: a
+            square of the budget's area).
         policy: packing policy; default "self".
         precision: graph precision for ort/trt; default "fp32".
         op_profile: run one extra profiled edit per ort backend for the per-op table; default True.
@@ -165,9 +167,12 @@ def one_edit(pipe, budget: Budget, refs: int, opts: ProfileOptions, seed: int, b
     if pipe.text_encoder is None:  # no text model: fixed random embeddings (text stage then ~0)
         embeds = np.random.default_rng(0).standard_normal((1, 32, pipe.config.text_hidden_size)).astype(np.float32)
     prompt = f"{PROMPT} (variant {seed})"  # a new prompt every run: no text-embedding cache hits either
+    width, height = opts.width, opts.height
+    if refs == 0 and (width is None or height is None):  # no reference to take the aspect from: a square
+        side = math.isqrt(budget.pixels) // 32 * 32
+        width, height = width or side, height or side
     pipe(None if embeds is not None else prompt, image=images, prompt_embeds=embeds, num_inference_steps=opts.steps,
-         budget=budget, policy=opts.policy, width=opts.width, height=opts.height, seed=seed,
-         output_type="np")
+         budget=budget, policy=opts.policy, width=width, height=height, seed=seed, output_type="np")
     t, layout = pipe.last_times, pipe.last_layout
     stages = {s: (sum(t.dit) if s == "dit" else float(getattr(t, s))) for s in STAGES}
     return RunRecord(backend, budget.name, refs, layout.num_image_tokens, layout.num_target_tokens, stages, list(t.dit))

@@ -82,3 +82,13 @@ def test_warm_up_is_valid_for_every_pipeline_class(folder, request):
     pipe = Pipeline.from_pretrained(request.getfixturevalue(folder), text_encoder_dtype="float32")
     assert warm_up_models(pipe) > 0
     assert len(pipe.text_encoder._cache) == 1  # the text model really encoded once
+
+
+@pytest.mark.slow  # tiny_artifacts
+def test_profile_without_references_or_size_profiles_a_square_at_the_budget(tiny_artifacts, tmp_path):
+    out = tmp_path / "p"
+    args = ["profile", str(tiny_artifacts), "--refs", "0", "--budgets", "256", "--steps", "1", "--runs", "1",
+            "--warmup", "0", "--out", str(out)]
+    assert main(args) == 0
+    row = json.loads((out / "profile.json").read_text())["summary"][0]
+    assert row["refs"] == 0 and row["image_tokens"] == (256 // 16) ** 2
