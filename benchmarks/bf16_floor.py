@@ -42,7 +42,7 @@ def _call(config, side: int, steps: int, seed: int = 3) -> dict:
 
 def run(art: Path, model_dir: Path, side: int, steps: int, threads: int) -> dict:
     from uniref_deploy.runtime.backends import openvino as ovb
-    from uniref_deploy.runtime.backends.openvino_islands import IslandSplit
+    from uniref_deploy.runtime.backends.openvino_islands import unsplit
     from uniref_deploy.runtime.pipeline import Pipeline
     from uniref_deploy.tools.precision_floor import (
         TrajectoryError,
@@ -68,7 +68,7 @@ def run(art: Path, model_dir: Path, side: int, steps: int, threads: int) -> dict
         t0 = time.perf_counter()
         if make is None:  # the shipped backend with the island split switched off
             keep = ovb.split_f32_islands
-            ovb.split_f32_islands = lambda model: IslandSplit(main=model, pre=None, islands=())
+            ovb.split_f32_islands = unsplit
             try:
                 runs[label] = trajectory(ours("openvino", "bf16"), **kw)
             finally:

@@ -35,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from uniref_deploy.export.graph_pass import initializer_map
-from uniref_deploy.export.onnx_files import data_file, move_graph, save_graph
+from uniref_deploy.export.onnx_files import external_data_record, move_graph, save_graph
 from uniref_deploy.runtime._lazy import is_available
 from uniref_deploy.runtime.artifacts import CALIBRATION_INT8_REPORT
 from uniref_deploy.runtime.backends.ort import OrtBackend
@@ -377,11 +377,9 @@ def choose(candidates: list[Candidate], options: Int8Options) -> tuple[Candidate
 
 
 def _spec(fp32: GraphSpec, file: str, root: Path, info: dict, variant: str = "") -> GraphSpec:
-    data = data_file(root / file)
-    if data.is_file():
-        info = {**info, "external_data_sha256": sha256_file(data), "external_data_bytes": data.stat().st_size}
-    return GraphSpec(DIT, "int8", file, sha256_file(root / file), fp32.inputs, fp32.outputs, info=info,
-                     variant=variant, external_data=file + ".data" if data.is_file() else None)
+    external, pins = external_data_record(root, file)
+    return GraphSpec(DIT, "int8", file, sha256_file(root / file), fp32.inputs, fp32.outputs, info={**info, **pins},
+                     variant=variant, external_data=external)
 
 
 def _info(cand: Candidate, report: dict, candidates: list[Candidate]) -> dict:

@@ -55,6 +55,7 @@ from .lean_lora import LEAN_SOURCE_FILE, streamed_deltas, write_lean_lora_index
 from .lean_rule import choose_lean, exceeds_ram_fraction
 from .lora import LoraSpec, fuse_loras, save_lora_base, validate_loras
 from .lora_swap import write_lora_index
+from .onnx_files import external_data_record
 from .ort_fusions import contrib_ops, fuse_for_ort, ort_file
 from .precision import FP16_SAFETY, IOCast, fp16_overflow_layers, measure_activation_ranges, to_precision
 from .qwen_image import QwenImageDitForExport, VaeDecoderForExport, VaeEncoderForExport
@@ -643,8 +644,6 @@ def _at_precision(module: torch.nn.Module, precision: str, keep_fp32: list[str] 
 
 def _graph_spec(art: Path, name: str, precision: str, rel: str, inputs: tuple[TensorSpec, ...],
                 outputs: tuple[TensorSpec, ...], info: dict) -> GraphSpec:
-    data = art / (rel + ".data")
-    if data.is_file():
-        info = {**info, "external_data_sha256": sha256_file(data), "external_data_bytes": data.stat().st_size}
+    external, pins = external_data_record(art, rel)
     return GraphSpec(name=name, precision=precision, file=rel, sha256=sha256_file(art / rel), inputs=inputs,
-                     outputs=outputs, external_data=rel + ".data" if data.is_file() else None, info=info)
+                     outputs=outputs, external_data=external, info={**info, **pins})

@@ -20,9 +20,10 @@ from uniref_deploy.runtime.errors import ExportError
 from uniref_deploy.runtime.fileio import make_temp_dir
 from uniref_deploy.runtime.manifest import TensorSpec
 
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, move_into_place
+
 logger = logging.getLogger(__name__)
 
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit; larger graphs keep weights in <file>.data
 DEFAULT_OPSET = 18
 # Ranges of each named dynamic axis given to torch.export (min, max); multiples are expressed via `AXIS_MULTIPLE`.
 AXIS_RANGES = {
@@ -98,15 +99,6 @@ def export_graph(module: torch.nn.Module, args: tuple, path: str | os.PathLike, 
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("exported %s", path)
     return path
-
-
-def move_into_place(tmp_dir: Path, path: Path) -> None:
-    """Rename the files of ``tmp_dir`` next to ``path``: data files first, then the graph ``path.name``, so a
-    graph never points at a missing file."""
-    for f in tmp_dir.iterdir():
-        if f.name != path.name:
-            os.replace(f, path.parent / f.name)
-    os.replace(tmp_dir / path.name, path)
 
 
 def _by_position(module: torch.nn.Module, names: list[str], shapes: dict) -> tuple:

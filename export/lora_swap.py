@@ -30,7 +30,7 @@ from uniref_deploy.runtime.manifest import ORT_VARIANT, Manifest, StageRecord
 
 from .lean_swap import read_lean_source, swap_lean
 from .lora import BASE_FILE, LoraSpec, fused_weight, lora_pairs, read_checked, save_lora_base
-from .onnx_files import data_file, save_graph
+from .onnx_files import data_file, external_data_record, save_graph
 
 INDEX_FILE = "lora/index.json"
 NP_DTYPES = {1: np.float32, 10: np.float16}  # ONNX TensorProto FLOAT, FLOAT16
@@ -176,10 +176,7 @@ def _rewrite(path: Path, values: dict[str, tuple[np.ndarray, bool]]) -> None:
 def _rehash(art: Path, manifest: Manifest, rel: str) -> Manifest:
     for g in manifest.graphs:
         if g.file == rel:
-            info = dict(g.info)
-            data = art / (rel + ".data")
-            if data.is_file():
-                info["external_data_sha256"] = sha256_file(data)
+            info = {**g.info, **external_data_record(art, rel)[1]}
             return manifest.with_graph(dataclasses.replace(g, sha256=sha256_file(art / rel), info=info))
     return manifest
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import onnx
 
-from uniref_deploy.runtime.fileio import atomic_path, make_temp_dir
+from uniref_deploy.runtime.fileio import atomic_path, make_temp_dir, sha256_file
 
-PROTOBUF_LIMIT = 2 * 1024**3  # a graph whose initializers exceed this cannot be one protobuf file
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit; larger graphs keep weights in <file>.data
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -35,22 +35,39 @@ def data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
+def external_data_record(root: Path, rel: str) -> tuple[str | None, dict]:
+    """For graph ``root / rel``: its external data file relative to ``root`` (None without one) and the manifest
+    ``info`` fields that pin it (sha256, bytes)."""
+    data = data_file(root / rel)
+    if not data.is_file():
+        return None, {}
+    return rel + ".data", {"external_data_sha256": sha256_file(data), "external_data_bytes": data.stat().st_size}
+
+
+def move_into_place(tmp_dir: Path, path: Path) -> None:
+    """Rename the files of ``tmp_dir`` next to ``path``: data files first, then the graph ``path.name``, so a
+    graph never points at a missing file."""
+    for f in tmp_dir.iterdir():
+        if f.name != path.name:
+            os.replace(f, path.parent / f.name)
+    os.replace(tmp_dir / path.name, path)
+
+
 def save_graph(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
     """Save ``model`` atomically at ``path``; weights go to ``<path>.data`` when ``external`` (None: when they
     come near the protobuf limit). A stale data file of an earlier save is removed when none is written."""
     path = Path(path)
     if external is None:
-        external = initializer_bytes(model) > 0.9 * PROTOBUF_LIMIT
+        external = initializer_bytes(model) > 0.9 * EXTERNAL_DATA_THRESHOLD
     tmp_dir = make_temp_dir(path)
     try:
         tmp = tmp_dir / path.name
         if external:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_file(path).name, size_threshold=1024)
-            os.replace(data_file(tmp), data_file(path))
         else:
             onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
+        move_into_place(tmp_dir, path)
         if not external:
             data_file(path).unlink(missing_ok=True)
     finally:

@@ -35,8 +35,9 @@ from uniref_deploy.runtime.errors import ExportError
 from uniref_deploy.runtime.fileio import make_temp_dir
 from uniref_deploy.runtime.manifest import ORT_VARIANT, TensorSpec
 
-from .graph_export import EXTERNAL_DATA_THRESHOLD, move_into_place, name_dynamic_axes
+from .graph_export import name_dynamic_axes
 from .graph_pass import GraphPass, consumers
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, move_into_place
 
 logger = logging.getLogger(__name__)
 

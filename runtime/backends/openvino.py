@@ -68,9 +68,7 @@ class OpenVinoBackend(Backend):
         self.compiled: Any = None  # openvino.CompiledModel once active
         self._request: Any = None
         self.islands: IslandSplit | None = None  # bf16: the f32 islands split off the graph (openvino_islands.py)
-        self._pre: Any = None  # their compiled f32 pre-model, when there are any
-        self._pre_inputs: list[str] = []
-        self._main_inputs: list[str] = []
+        self._pre: Any = None  # an infer request of their compiled f32 pre-model, when there are any
         self._ports: dict[str, Any] = {}
 
     def compile_config(self) -> dict[str, str]:
@@ -104,11 +102,13 @@ class OpenVinoBackend(Backend):
         config = self.compile_config()
         if self.inference_precision != "bf16":
             return core.compile_model(str(self.path), self.device, config)
-        self.islands = split_f32_islands(core.read_model(str(self.path)))
-        if self.islands.pre is not None:
-            self._pre = core.compile_model(self.islands.pre, self.device, {**config, "INFERENCE_PRECISION_HINT": "f32"})
-            self._pre_inputs, self._main_inputs = self.islands.pre_inputs(), self.islands.main_inputs()
-        return core.compile_model(self.islands.main, self.device, config)
+        split = split_f32_islands(core.read_model(str(self.path)))
+        if split.pre is not None:
+            pre = core.compile_model(split.pre, self.device, {**config, "INFERENCE_PRECISION_HINT": "f32"})
+            self._pre = pre.create_infer_request()
+        compiled = core.compile_model(split.main, self.device, config)
+        self.islands = split.without_models()
+        return compiled
 
     def _deactivate(self) -> None:
         self._request = None
@@ -119,10 +119,10 @@ class OpenVinoBackend(Backend):
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         try:
-            if self._pre is not None:
-                pre = self._pre.create_infer_request().infer({k: feeds[k] for k in self._pre_inputs})
-                feeds.update({port.get_any_name(): np.asarray(pre[port]) for port in self._pre.outputs})
-                feeds = {k: feeds[k] for k in self._main_inputs}
+            if self._pre is not None and self.islands is not None:
+                pre = self._pre.infer({k: feeds[k] for k in self.islands.pre_inputs}, share_outputs=False)
+                feeds.update({port.get_any_name(): np.asarray(value) for port, value in pre.items()})
+                feeds = {k: feeds[k] for k in self.islands.main_inputs}
             out = self._request.infer(feeds, share_outputs=False)
         except Exception as err:
             raise BackendError(f"OpenVINO failed on graph '{self.name}': {err}".splitlines()[0]) from err

@@ -19,6 +19,7 @@ Parameters only the islands used are dropped from the main model. A graph withou
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -39,19 +40,19 @@ class IslandSplit:
         main: the model to compile at the requested precision (the input model, edited in place).
         pre: the f32 pre-model computing the islands, or None when the graph has none.
         islands: friendly names of the Sin/Cos nodes moved to ``pre``.
+        pre_inputs: names of the graph inputs the pre-model reads.
+        main_inputs: names of the main model's inputs (graph inputs and ``f32_island.*`` tensors).
     """
 
     main: Any
     pre: Any | None
     islands: tuple[str, ...]
+    pre_inputs: tuple[str, ...]
+    main_inputs: tuple[str, ...]
 
-    def pre_inputs(self) -> list[str]:
-        """Names of the graph inputs the pre-model reads."""
-        return [p.get_friendly_name() for p in self.pre.get_parameters()] if self.pre is not None else []
-
-    def main_inputs(self) -> list[str]:
-        """Names of the main model's inputs (graph inputs and ``f32_island.*`` tensors)."""
-        return [p.get_friendly_name() for p in self.main.get_parameters()]
+    def without_models(self) -> IslandSplit:
+        """The names only: what a compiled backend keeps (the models hold a copy of every weight)."""
+        return dataclasses.replace(self, main=None, pre=None)
 
 
 def _input_sources(node) -> set[str] | None:
@@ -90,8 +91,9 @@ def split_f32_islands(model) -> IslandSplit:
     """Split ``model`` (an ``openvino.Model``, edited in place) into an f32 pre-model and the main model."""
     ov = require("openvino", extra="openvino")
     opset = importlib.import_module("openvino.opset13")
-    if not _islands(model):
-        return IslandSplit(main=model, pre=None, islands=())
+    found = _islands(model)
+    if not found:
+        return unsplit(model)
     # the pre-model is cut from a clone so the main model's nodes stay untouched until rewired below
     clone = model.clone()
     clone_islands = _islands(clone)
@@ -104,7 +106,7 @@ def split_f32_islands(model) -> IslandSplit:
     pre = ov.Model(results, [p for p in clone.get_parameters() if p.get_friendly_name() in used], "f32_islands")
 
     new_params = []
-    for op, _ in _islands(model):
+    for op, _ in found:
         out = op.output(0)
         param = opset.parameter(out.get_partial_shape(), out.get_element_type(),
                                 name=ISLAND_PREFIX + op.get_friendly_name())
@@ -119,4 +121,13 @@ def split_f32_islands(model) -> IslandSplit:
         if not any(t.get_node().get_name() in live for t in param.output(0).get_target_inputs()):
             model.remove_parameter(param)  # read by the islands only
     model.validate_nodes_and_infer_types()
-    return IslandSplit(main=model, pre=pre, islands=names)
+    return IslandSplit(main=model, pre=pre, islands=names, pre_inputs=_names(pre), main_inputs=_names(model))
+
+
+def unsplit(model) -> IslandSplit:
+    """``model`` whole, as a split without islands (also what a comparison without the split uses)."""
+    return IslandSplit(main=model, pre=None, islands=(), pre_inputs=(), main_inputs=_names(model))
+
+
+def _names(model) -> tuple[str, ...]:
+    return tuple(p.get_friendly_name() for p in model.get_parameters())

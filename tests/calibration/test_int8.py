@@ -133,7 +133,7 @@ def test_large_int8_graphs_keep_their_weights_beside_them(tiny_artifacts: Path, 
 
     art = tmp_path / "art"
     shutil.copytree(tiny_artifacts, art)
-    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 0)
     calibrate_int8(art, Int8Options(activations="static", smooth=False, eval_steps=0, samples=2))
     manifest = Manifest.load(art)
     graph = manifest.graph("dit", "int8")

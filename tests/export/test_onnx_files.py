@@ -40,7 +40,7 @@ def test_save_graph_external_and_inline(tmp_path: Path) -> None:
 
 
 def test_save_graph_goes_external_near_the_protobuf_limit(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 1024)
     save_graph(_matmul(1.0), tmp_path / "g.onnx")
     assert data_file(tmp_path / "g.onnx").is_file()
 

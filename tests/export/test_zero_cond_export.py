@@ -132,7 +132,7 @@ def test_openvino_bf16_splits_the_zero_cond_timestep_projection(regular_art: Pat
     spec = manifest.graph("dit", "fp32")
     layout = pack_references([(96, 64), (40, 120)], 128 * 96, policy="per-image", width=64, height=48)
     with OpenVinoBackend(spec, regular_art, "bf16") as bf16, OpenVinoBackend(spec, regular_art, "fp32") as f32:
-        assert bf16.islands is not None and bf16.islands.pre_inputs() == ["timestep"]
+        assert bf16.islands is not None and bf16.islands.pre_inputs == ("timestep",)
         for batch in (1, 2):
             feeds = dit_sample(manifest.model, layout, 11, batch=batch, seed=batch).feeds
             feeds["timestep"] = np.ones_like(feeds["timestep"])

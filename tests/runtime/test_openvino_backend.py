@@ -94,7 +94,7 @@ def test_bf16_dit_keeps_the_timestep_sinusoid_in_f32(art: Path, monkeypatch) -> 
     """The f32 island of the tiny DiT is its timestep projection; without it bf16 is several times further off f32
     at timestep 1.0 (bf16 cannot hold the sinusoid's ~1000 rad argument)."""
     from uniref_deploy.runtime.backends import openvino as ovb
-    from uniref_deploy.runtime.backends.openvino_islands import IslandSplit
+    from uniref_deploy.runtime.backends.openvino_islands import unsplit
     from uniref_deploy.runtime.compare import compare
 
     pipe = Pipeline.from_artifacts(art, backend="openvino", precision="bf16", load_text_encoder=False)
@@ -103,12 +103,12 @@ def test_bf16_dit_keeps_the_timestep_sinusoid_in_f32(art: Path, monkeypatch) -> 
     feeds["timestep"] = np.ones_like(feeds["timestep"])
     with dit:
         assert dit.islands is not None and len(dit.islands.islands) == 2
-        assert dit.islands.pre_inputs() == ["timestep"] and "timestep" not in dit.islands.main_inputs()
+        assert dit.islands.pre_inputs == ("timestep",) and "timestep" not in dit.islands.main_inputs
         with_islands = dit.infer(feeds)["velocity"]
     f32 = ovb.OpenVinoBackend(dit.graph, art, "fp32", cache_dir=None)
     with f32:
         reference = f32.infer(feeds)["velocity"]
-    monkeypatch.setattr(ovb, "split_f32_islands", lambda model: IslandSplit(main=model, pre=None, islands=()))
+    monkeypatch.setattr(ovb, "split_f32_islands", unsplit)
     plain = ovb.OpenVinoBackend(dit.graph, art, "bf16", cache_dir=None)
     with plain:
         without = plain.infer(feeds)["velocity"]

@@ -49,9 +49,9 @@ def _run(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 def test_sinusoids_of_inputs_move_to_the_pre_model() -> None:
     split = split_f32_islands(_timestep_model())
     assert split.islands == ("proj_cos", "proj_sin") or split.islands == ("proj_sin", "proj_cos")
-    assert split.pre_inputs() == ["timestep"]
+    assert split.pre_inputs == ("timestep",)
     # timestep fed only the islands: the main model reads the island tensors instead
-    assert sorted(split.main_inputs()) == sorted(["x", ISLAND_PREFIX + "proj_sin", ISLAND_PREFIX + "proj_cos"])
+    assert sorted(split.main_inputs) == sorted(["x", ISLAND_PREFIX + "proj_sin", ISLAND_PREFIX + "proj_cos"])
     kinds = [op.get_type_name() for op in split.main.get_ordered_ops()]
     assert kinds.count("Sin") == 1  # late_sin stays: it follows a matmul
     assert "Sin" in [op.get_type_name() for op in split.pre.get_ordered_ops()]
@@ -74,7 +74,7 @@ def test_graph_without_islands_is_left_alone() -> None:
     model = ov.Model([ops.result(ops.sin(ops.matmul(x, _const((8, 8), 3), False, False)))], [x], "plain")
     split = split_f32_islands(model)
     assert split.pre is None and split.islands == () and split.main is model
-    assert split.main_inputs() == ["x"]
+    assert split.main_inputs == ("x",)
 
 
 def test_parameter_still_used_elsewhere_stays_in_main() -> None:
@@ -82,5 +82,5 @@ def test_parameter_still_used_elsewhere_stays_in_main() -> None:
     island = ops.sin(ops.multiply(t, ops.constant(np.float32(500.0))))
     model = ov.Model([ops.result(ops.add(island, t))], [t], "shared")
     split = split_f32_islands(model)
-    assert split.pre_inputs() == ["t"]
-    assert "t" in split.main_inputs()
+    assert split.pre_inputs == ("t",)
+    assert "t" in split.main_inputs
